@@ -1,0 +1,1 @@
+"""SeFi-IDE method code: pure torch/numpy, never imports ComfyUI."""
