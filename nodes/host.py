@@ -1,0 +1,85 @@
+"""The one module that knows which ComfyUI the pack runs in.
+
+Two layouts exist in the wild: upstream ComfyUI (a checkout whose top-level modules are `folder_paths`,
+`nodes`, `node_helpers`, …) and the installable PyPI distribution (`comfyui`, where they live under
+`comfy.cmd` / `comfy.nodes`). Features also differ (conditioning hooks, patcher wrappers, the V3 API exist
+only in newer upstream releases). Every other module of the pack imports host things from here.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Iterable
+
+try:  # PyPI distribution
+    from comfy.cmd import folder_paths  # type: ignore[no-redef]
+    from comfy.interruption import InterruptProcessingException, interrupt_current_processing
+    DISTRIBUTION = "pypi"
+except ImportError:  # upstream checkout
+    import folder_paths  # type: ignore[no-redef]
+    from comfy.model_management import InterruptProcessingException, interrupt_current_processing
+    DISTRIBUTION = "upstream"
+
+import comfy.model_management as model_management  # noqa: E402
+import comfy.utils  # noqa: E402
+
+HAS_HOOKS = importlib.util.find_spec("comfy.hooks") is not None
+HAS_PATCHER_WRAPPERS = importlib.util.find_spec("comfy.patcher_extension") is not None
+
+IDENTITY_FOLDER = "sefi_identities"
+IDENTITY_EXTENSIONS = {".safetensors"}
+
+
+def register_model_folder(name: str, extensions: Iterable[str]) -> str:
+    """Register `models/<name>` as a model folder listing only `extensions`; keep paths that
+    extra_model_paths.yaml may already have added under the same name. Returns the default path."""
+    default = os.path.join(folder_paths.models_dir, name)
+    exts = set(extensions)
+    table = folder_paths.folder_names_and_paths
+    if DISTRIBUTION == "pypi":
+        entry = table[name]  # indexing creates the entry (and its default folder) on this host
+        if default not in entry.paths:
+            entry.paths.insert(0, default)
+        entry.supported_extensions.clear()
+        entry.supported_extensions.update(exts)
+        folder_paths.invalidate_cache(name)
+    else:
+        paths = list(table[name][0]) if name in table else []
+        if default not in paths:
+            paths.insert(0, default)
+        table[name] = (paths, exts)
+        os.makedirs(default, exist_ok=True)
+    return default
+
+
+def filename_list(name: str) -> list[str]:
+    return list(folder_paths.get_filename_list(name))
+
+
+def full_path(name: str, filename: str) -> str:
+    """Absolute path of a file listed in model folder `name`, or a FileNotFoundError that says where to put it."""
+    path = folder_paths.get_full_path(name, filename)
+    if path is None or not os.path.isfile(path):
+        folders = ", ".join(folder_paths.get_folder_paths(name))
+        raise FileNotFoundError(f"'{filename}' is not in any {name} folder ({folders}). Put the file there, "
+                                f"or add the folder to extra_model_paths.yaml under '{name}:', then refresh.")
+    return path
+
+
+def models_dir() -> str:
+    return folder_paths.models_dir
+
+
+def progress_bar(total: int) -> "comfy.utils.ProgressBar":
+    return comfy.utils.ProgressBar(total)
+
+
+def raise_if_interrupted() -> None:
+    """Raise the host's InterruptProcessingException when the user pressed Cancel (clears the flag, as the
+    host does; whoever catches it to save work must re-raise it so the executor stops the graph)."""
+    model_management.throw_exception_if_processing_interrupted()
+
+
+__all__ = ["DISTRIBUTION", "HAS_HOOKS", "HAS_PATCHER_WRAPPERS", "IDENTITY_FOLDER", "InterruptProcessingException",
+           "folder_paths", "filename_list", "full_path", "interrupt_current_processing", "model_management",
+           "models_dir", "progress_bar", "raise_if_interrupted", "register_model_folder"]

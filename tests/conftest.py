@@ -1,0 +1,124 @@
+"""Host fixtures for the whole suite: tiny checkpoints, an in-process ComfyUI, and a real server.
+
+The host is PyPI's comfyui==0.0.1 by default, or the upstream checkout named by COMFYUI_PATH (see
+tools/embedded_host.py). Pure `sefi_core` tests use none of these fixtures and never import ComfyUI.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Appended, not prepended: an upstream checkout must win the names `nodes`, `utils`, … over this repository.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.append(str(REPO_ROOT))
+
+from tools import comfy_client, embedded_host, tiny_checkpoints  # noqa: E402
+
+FACES_DIR = REPO_ROOT.parent / "shared" / "faces"
+CACHE_DIR = Path(os.environ.get("SEFI_TEST_CACHE", REPO_ROOT / ".cache" / "tiny"))
+
+
+def pytest_report_header(config):
+    return f"ComfyUI host: {embedded_host.host_label()}"
+
+
+@pytest.fixture(scope="session")
+def faces_dir() -> Path:
+    if not FACES_DIR.is_dir():
+        pytest.skip(f"real face photos not found at {FACES_DIR}")
+    return FACES_DIR
+
+
+def _tiny(family: str) -> Path:
+    """Build (once, cached) in a subprocess: importing the host's model code here would fix its folders
+    before the in-process host is booted with its own base directory."""
+    name = tiny_checkpoints.BUILDERS[family][0]
+    path = CACHE_DIR / name
+    if not path.exists():
+        subprocess.run([sys.executable, "-m", "tools.tiny_checkpoints", str(CACHE_DIR), "--family", family],
+                       cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15() -> Path:
+    return _tiny("sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl() -> Path:
+    return _tiny("sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet() -> Path:
+    return _tiny("controlnet")
+
+
+def _link_model(folder: Path, source: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / source.name
+    if not target.exists():
+        target.symlink_to(source)
+
+
+@pytest.fixture(scope="session")
+def host_base(tmp_path_factory, tiny_sd15) -> Path:
+    """The in-process host's base directory: models/checkpoints holds the tiny SD1.5 checkpoint."""
+    base = tmp_path_factory.mktemp("comfy-base")
+    _link_model(base / "models" / "checkpoints", tiny_sd15)
+    return base
+
+
+@pytest.fixture(scope="session")
+def host(host_base) -> embedded_host.InProcessHost:
+    """ComfyUI booted in this process with the pack loaded through the host's own custom-node loader."""
+    return embedded_host.boot_in_process(host_base)
+
+
+@pytest.fixture(scope="session")
+def sd15(host, tiny_sd15):
+    """(MODEL, CLIP, VAE) of the tiny SD1.5 checkpoint, loaded through CheckpointLoaderSimple."""
+    return host.run("CheckpointLoaderSimple", ckpt_name=tiny_sd15.name)[:3]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_sd15):
+    """A real ComfyUI server headless on 127.0.0.1 (free port, --cpu) with this pack in its custom nodes."""
+    base = tmp_path_factory.mktemp("comfy-server")
+    _link_model(base / "models" / "checkpoints", tiny_sd15)
+    port = comfy_client.free_port()
+    log = open(base / "server.log", "wb")
+    proc = subprocess.Popen(embedded_host.server_command(base, port), cwd=REPO_ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        comfy_client.wait_until_ready(proc, url)
+    except RuntimeError as err:
+        comfy_client.stop(proc)
+        log.close()
+        pytest.fail(f"{err}\n--- server log ---\n{(base / 'server.log').read_text(errors='replace')[-6000:]}")
+    handle = ServerHandle(proc=proc, client=comfy_client.ComfyClient(url), base_dir=base)
+    yield handle
+    comfy_client.stop(proc)
+    log.close()
+
+
+class ServerHandle:
+    def __init__(self, proc, client, base_dir: Path):
+        self.proc, self.client, self.base_dir = proc, client, base_dir
+        self.output_dir = base_dir / "output"
+        self.models_dir = base_dir / "models"
+
+    def log(self) -> str:
+        return (self.base_dir / "server.log").read_text(errors="replace")
+
+    def add_model(self, folder: str, source: Path) -> None:
+        _link_model(self.models_dir / folder, source)
+        shutil.os.utime(self.models_dir / folder)  # the host caches folder listings by mtime

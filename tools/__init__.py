@@ -1,0 +1,1 @@
+"""Developer tooling for the embedded host: tiny checkpoints, server launcher, demo. Not loaded by ComfyUI."""
