@@ -1,0 +1,119 @@
+"""Encode a prompt with identities spliced in, through the host's own CLIP (tokenizer, weights, chunking).
+
+SeFi needs, per prompt, one encoding per stage combination for keys (K tokens) and one for values (V tokens),
+plus a base encoding (what the returned CONDITIONING carries: the identities' lossy single-vector fallback,
+which is what a ControlNet and any other reader of the conditioning sees) and an "off" encoding (the trigger
+replaced by the initializer word) used outside the node's start/end window.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..sefi_core.identity import Identity
+from ..sefi_core.stages import stage_of_timestep
+from ..sefi_core.tokens import ENCODER_TOKEN_KEYS, plan_placeholders, splice_vectors
+
+TOKEN_KEY_FAMILY = {frozenset({"l"}): "sd1", frozenset({"g", "l"}): "sdxl"}
+
+
+def clip_family(clip) -> str:
+    """'sd1' or 'sdxl' from the encoders the CLIP tokenizes for; anything else is refused with a message."""
+    keys = frozenset(clip.tokenize("a")) if clip is not None else frozenset()
+    family = TOKEN_KEY_FAMILY.get(keys)
+    if family is None:
+        raise ValueError(f"SeFi identities work with SD1.x and SDXL text encoders; this CLIP encodes for "
+                         f"{sorted(keys) or 'nothing'}. Load an SD1.5 or SDXL checkpoint's CLIP.")
+    return family
+
+
+def check_family(identity: Identity, family: str, slot: str = "identity") -> None:
+    if identity.family != family:
+        raise ValueError(f"{slot} '{identity.trigger}' was trained for {identity.family.upper()} but the CLIP is "
+                         f"{family.upper()}; use the identity with a matching checkpoint, or train one for "
+                         f"{family.upper()}.")
+
+
+def stage_combinations(stage_counts: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every distinct tuple of per-identity stages over t in [0, 1000), in timestep order.
+
+    Identities with different stage counts switch at different timesteps; each distinct tuple needs its
+    own encoding, and there are at most sum(S_i) of them.
+    """
+    combos: list[tuple[int, ...]] = []
+    for t in range(1000):
+        combo = tuple(stage_of_timestep(t, s) for s in stage_counts)
+        if not combos or combos[-1] != combo:
+            combos.append(combo)
+    return combos
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """A prompt tokenized once with one placeholder word per identity, ready to splice vectors into."""
+    tokens: dict
+    placeholder_ids: tuple[int, ...]          # per identity
+    identities: tuple[Identity, ...]
+
+
+def word_token_ids(clip, word: str, key: str) -> list[int]:
+    """The token ids `word` becomes for encoder `key` (between the start and end tokens)."""
+    end_token = clip.tokenize("")[key][0][1][0]
+    ids = []
+    for token, *_ in clip.tokenize(word)[key][0][1:]:
+        if token == end_token:
+            break
+        ids.append(token)
+    return ids
+
+
+def _placeholder_id(clip, word: str, keys) -> int:
+    ids = {key: word_token_ids(clip, word, key) for key in keys}
+    first = next(iter(ids.values()))
+    if len(first) != 1 or any(v != first for v in ids.values()):
+        raise RuntimeError(f"placeholder word {word!r} is not one shared token for this tokenizer ({ids})")
+    return first[0]
+
+
+def plan_prompt(clip, text: str, identities: Sequence[Identity], strength: float) -> PromptPlan:
+    """Tokenize `text` with each identity's trigger rewritten to its placeholder, and scale the weights of
+    the identity positions by `strength` (the host's own token-weight rule, as in '(word:1.2)')."""
+    triggers = {}
+    for ident in identities:
+        if ident.trigger in triggers:
+            raise ValueError(f"two identities share the trigger word '{ident.trigger}'; retrain or rename one so "
+                             f"each identity has its own trigger")
+        triggers[ident.trigger] = ident.vectors_per_token
+    rewritten, placeholders = plan_placeholders(text, triggers)
+    tokens = clip.tokenize(rewritten)
+    ids = tuple(_placeholder_id(clip, p.word, tokens) for p in placeholders)
+    if strength != 1.0:
+        wanted = set(ids)
+        tokens = {key: [[(t, w * strength, *rest) if isinstance(t, int) and t in wanted else (t, w, *rest)
+                         for t, w, *rest in chunk] for chunk in chunks] for key, chunks in tokens.items()}
+    return PromptPlan(tokens, ids, tuple(identities))
+
+
+def encode_with_vectors(clip, plan: PromptPlan, vectors: Sequence[dict[str, torch.Tensor]]):
+    """Encode the plan with identity i's placeholder replaced by vectors[i][encoder] ([n, C] per encoder).
+
+    Returns (cond [1, L, C], pooled)."""
+    tokens = {}
+    for encoder, key in ENCODER_TOKEN_KEYS.items():
+        if key not in plan.tokens:
+            continue
+        mapping = {pid: vec[encoder] for pid, vec in zip(plan.placeholder_ids, vectors)}
+        tokens[key] = splice_vectors(plan.tokens[key], mapping)
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return cond, pooled
+
+
+def initializer_text(text: str, identities: Sequence[Identity]) -> str:
+    """`text` with every trigger replaced by its identity's initializer word (the prompt without identities)."""
+    rewritten, placeholders = plan_placeholders(text, {ident.trigger: 1 for ident in identities})
+    by_trigger = {ident.trigger: ident.initializer for ident in identities}
+    for p in placeholders:  # placeholder words are unique rare words absent from the prompt, so replace is exact
+        rewritten = rewritten.replace(p.word, by_trigger[p.trigger])
+    return rewritten
