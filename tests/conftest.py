@@ -122,3 +122,22 @@ class ServerHandle:
     def add_model(self, folder: str, source: Path) -> None:
         _link_model(self.models_dir / folder, source)
         shutil.os.utime(self.models_dir / folder)  # the host caches folder listings by mtime
+
+
+@pytest.fixture(scope="session")
+def pack(host):
+    """The pack as the host loaded it; `pack.core("identity")` is its sefi_core.identity module."""
+    import importlib
+
+    class Pack:
+        module = host.pack_module
+
+        @staticmethod
+        def core(name: str):
+            return importlib.import_module(f"{host.pack_module.__name__}.sefi_core.{name}")
+
+        @staticmethod
+        def glue(name: str):
+            return importlib.import_module(f"{host.pack_module.__name__}.nodes.{name}")
+
+    return Pack
