@@ -1,0 +1,572 @@
+"""The SeFi-IDE training loop, independent of the host.
+
+The loop owns what is the same for every host: the optimiser (AdamW on the token
+generator's parameters only — CLIP and the U-Net are frozen), the per-step randomness,
+divergence detection, interruption and checkpoints. Everything model-specific — encoding
+the prompts with the tokens spliced in, noising the latent, running the U-Net with K from
+the K tokens and V from the V tokens, recording attention and computing the loss — is the
+``step_fn`` the ComfyUI glue supplies (see :data:`StepFn`).
+
+Reproducibility: all randomness of step ``i`` is derived from ``(settings.seed, i)``:
+``torch.manual_seed`` (dropout in the generator and anything else using the global RNG)
+and a fresh CPU ``torch.Generator`` handed to ``step_fn``. Together with the exact Adam
+state stored in a checkpoint, stopping at step ``k`` and resuming gives bit-identical
+tokens to an uninterrupted run on CPU (GPU kernels may add their own non-determinism).
+The caller's global RNG state is restored when the loop returns.
+
+Checkpoints are one ``.safetensors`` file (:func:`save_train_state`), written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Mapping, Protocol
+
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+from .atomic import atomic_write
+
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "FACE_TEMPLATES",
+    "StepFn",
+    "TrainSettings",
+    "TrainState",
+    "TrainResult",
+    "TrainingDivergedError",
+    "TrainStateFileError",
+    "step_seed",
+    "run_training",
+    "save_train_state",
+    "load_train_state",
+]
+
+DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of the face of {}",)
+"""The paper's training prompt (method.md §2.1, pipeline figure); ``{}`` is the identity token."""
+
+FACE_TEMPLATES: tuple[str, ...] = (
+    "a photo of the face of {}",
+    "a close-up photo of the face of {}",
+    "a cropped photo of the face of {}",
+    "a good photo of the face of {}",
+    "a bright photo of the face of {}",
+)
+"""Opt-in variety in textual-inversion style; not from the paper."""
+
+ATTENTION_LOSSES = ("reference", "mask", "off")
+MASK_LOSS_MODES = ("balanced_l1", "outside_fraction")
+LOSS_SITES = ("quarter", "quarter+half", "all")
+ATTENTION_TOKENS = ("words_eos", "identity", "all")
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+class StepFn(Protocol):
+    """What the glue implements; called once per training step.
+
+    ``tokens``: ``{encoder: Tensor[S, 2, n, C]}`` straight from the generator, with grad
+    (``[:, 0]`` K tokens, ``[:, 1]`` V tokens). ``rng``: a CPU generator seeded from
+    ``(seed, step)`` — draw **every** random number of the step from it (template choice,
+    augmentation, timestep, noise; draw on CPU, then ``.to(device)``). ``step``: 0-based.
+
+    Returns ``(loss, parts)``: ``loss`` a 0-dim tensor connected to ``tokens`` (the loop calls
+    ``backward`` on it), ``parts`` plain floats for logging (e.g. ``{"diffusion": …,
+    "attention": …, "t": …}``).
+    """
+
+    def __call__(self, tokens: dict[str, Tensor], rng: torch.Generator, step: int) -> tuple[Tensor, dict[str, float]]: ...
+
+
+# --------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainSettings:
+    """Everything that determines a training run, JSON-serialisable via :meth:`to_dict`.
+
+    The loop reads the optimisation fields; the model fields (``attention_*``, ``loss_sites``,
+    ``masked_diffusion``, ``templates``, ``reference_word``, augmentation, ``resolution``,
+    ``precision``) are read by the glue's ``step_fn``. Defaults follow method.md §2.3/§2.4
+    (ProSpect's step count and learning rate, λ = 0.003, 16×16-level sites).
+    """
+
+    steps: int = 600
+    """Optimiser steps (ProSpect: max_steps 600)."""
+    lr: float = 1e-4
+    """AdamW learning rate (ProSpect base lr). The direct-tokens variant usually wants ~5e-3."""
+    batch_size: int = 1
+    seed: int = 0
+    checkpoint_every: int = 100
+    """Save a checkpoint every N steps; 0 = only on interrupt and at the end."""
+    weight_decay: float = 0.01
+    """torch AdamW's default (ldm's textual-inversion optimiser is ``AdamW(params, lr)``)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 1.0
+    """Clip the generator's gradient norm; 0 = off. Not in the paper; a guard against spikes."""
+    attention_loss: str = "reference"
+    """"reference": the paper's face-wise loss (maps vs the "person" prompt's); "mask": pull
+    the identity token's attention into a face mask (FastComposer style); "off"."""
+    attention_weight: float = 0.003
+    """λ (paper: 0.003 is best). Its effect depends on the loss reduction; log both terms."""
+    mask_loss_mode: str = "balanced_l1"
+    loss_sites: str = "quarter"
+    """Cross-attention sites the attention loss reads, by resolution relative to the latent:
+    "quarter" = latent/4 (16×16 at SD1.5 512 px: input 7, 8 and output 3, 4, 5), "quarter+half"
+    adds latent/2 (32×32), "all" = every cross-attention site."""
+    attention_tokens: str = "words_eos"
+    """Token columns compared: "words_eos" = positions 1..first EOS; "identity" = the
+    identity slots vs "person" only; "all" = all 77."""
+    masked_diffusion: bool = False
+    """Restrict the reconstruction loss to the face mask (Break-A-Scene style; not the paper)."""
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    reference_word: str = "person"
+    """Fills the template for the reference prompt ("a photo of the face of person")."""
+    flip: bool = True
+    scale_augment: bool = False
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    resolution: int = 512
+    precision: str = "bf16"
+    """Compute dtype of the frozen models (the generator always trains in fp32)."""
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)  # type: ignore[assignment]
+        self.scale_range = tuple(float(s) for s in self.scale_range)  # type: ignore[assignment]
+        self.templates = [str(t) for t in self.templates]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field and its allowed range."""
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"invalid training setting: {msg}")
+
+        need(_is_int(self.steps) and self.steps >= 1, f"steps must be an integer >= 1, got {self.steps!r}")
+        need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+        need(_is_int(self.batch_size) and self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
+        need(_is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+        need(
+            _is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
+            f"checkpoint_every must be >= 0 (0 = off), got {self.checkpoint_every!r}",
+        )
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        need(
+            len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+            f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}",
+        )
+        need(self.adam_eps > 0, f"adam_eps must be > 0, got {self.adam_eps!r}")
+        need(self.grad_clip_norm >= 0, f"grad_clip_norm must be >= 0 (0 = off), got {self.grad_clip_norm!r}")
+        need(self.attention_loss in ATTENTION_LOSSES, f"attention_loss must be one of {ATTENTION_LOSSES}, got {self.attention_loss!r}")
+        need(
+            math.isfinite(self.attention_weight) and self.attention_weight >= 0,
+            f"attention_weight must be >= 0, got {self.attention_weight!r}",
+        )
+        need(self.mask_loss_mode in MASK_LOSS_MODES, f"mask_loss_mode must be one of {MASK_LOSS_MODES}, got {self.mask_loss_mode!r}")
+        need(self.loss_sites in LOSS_SITES, f"loss_sites must be one of {LOSS_SITES}, got {self.loss_sites!r}")
+        need(
+            self.attention_tokens in ATTENTION_TOKENS,
+            f"attention_tokens must be one of {ATTENTION_TOKENS}, got {self.attention_tokens!r}",
+        )
+        need(len(self.templates) >= 1, "templates must hold at least one prompt template")
+        for t in self.templates:
+            need(t.count("{}") == 1, f"each template needs exactly one '{{}}' for the identity token, got {t!r}")
+        need(
+            bool(self.reference_word.strip()) and " " not in self.reference_word.strip(),
+            f"reference_word must be a single word such as 'person', got {self.reference_word!r}",
+        )
+        need(
+            len(self.scale_range) == 2 and 0 < self.scale_range[0] <= self.scale_range[1],
+            f"scale_range must be (low, high) with 0 < low <= high, got {self.scale_range!r}",
+        )
+        need(
+            _is_int(self.resolution) and self.resolution >= 64 and self.resolution % 8 == 0,
+            f"resolution must be a multiple of 8 and >= 64, got {self.resolution!r}",
+        )
+        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types only (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        d["scale_range"] = list(self.scale_range)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainSettings:
+        """Inverse of :meth:`to_dict`; missing keys take their defaults, unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# --------------------------------------------------------------------------------------
+# State, result, errors
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """A resumable snapshot: everything needed to continue exactly where training stopped.
+
+    ``step`` counts completed optimiser steps. ``generator`` / ``optimizer`` are the
+    ``state_dict`` s (CPU copies). ``generator_config`` is the generator's ``config()`` so the
+    glue can rebuild it (:func:`sefi_core.generator.rebuild_generator`) before loading.
+    """
+
+    generator: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    step: int
+    loss_history: list[float]
+    settings: dict[str, Any]
+    generator_config: dict[str, Any] | None = None
+    parts_history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`run_training`. ``interrupted``: ``should_stop`` asked to stop early
+    (the glue should raise ComfyUI's interrupt after saving what it wants)."""
+
+    state: TrainState
+    interrupted: bool
+
+    @property
+    def steps_done(self) -> int:
+        return self.state.step
+
+    @property
+    def loss_history(self) -> list[float]:
+        return self.state.loss_history
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient became NaN/inf. No checkpoint is written for the failing step,
+    and the generator keeps its last good parameters."""
+
+    def __init__(self, step: int, total: int, loss: float, parts: Mapping[str, float], what: str,
+                 settings: TrainSettings, last_checkpoint_step: int | None):
+        self.step = step
+        self.loss = loss
+        self.parts = dict(parts)
+        self.last_checkpoint_step = last_checkpoint_step
+        parts_txt = ", ".join(f"{k}={v:.4g}" for k, v in self.parts.items()) or "none reported"
+        kept = (
+            f"the last checkpoint (step {last_checkpoint_step}) was left untouched"
+            if last_checkpoint_step is not None
+            else "no checkpoint had been written yet"
+        )
+        super().__init__(
+            f"training diverged at step {step}/{total}: {what} (loss={loss}; parts: {parts_txt}); {kept}. "
+            f"Try a lower learning rate (now {settings.lr:g}), precision fp32 instead of {settings.precision} "
+            f"for the frozen models, a lower attention_weight (now {settings.attention_weight:g}), "
+            f"or gradient clipping (grad_clip_norm, now {settings.grad_clip_norm:g})."
+        )
+
+
+class TrainStateFileError(ValueError):
+    """A checkpoint file is not a SeFi training state or is damaged."""
+
+
+def step_seed(seed: int, step: int, stream: str) -> int:
+    """A 63-bit seed for ``stream`` at ``step``, stable across platforms and Python runs.
+
+    Streams are independent: ``"global"`` seeds torch's global RNG (dropout), ``"data"`` the
+    generator handed to ``step_fn``.
+    """
+    digest = hashlib.blake2b(f"sefi-train:{int(seed)}:{int(step)}:{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+
+
+def _trainable(generator: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in generator.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the generator has no trainable parameters")
+    return params
+
+
+def _make_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torch.optim.AdamW:
+    # foreach=False: the single-tensor path gives the same bits however parameters are grouped.
+    return torch.optim.AdamW(
+        params,
+        lr=settings.lr,
+        betas=settings.adam_betas,
+        eps=settings.adam_eps,
+        weight_decay=settings.weight_decay,
+        foreach=False,
+    )
+
+
+def _cpu_copy(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_cpu_copy(v) for v in obj)
+    return obj
+
+
+def _generator_config(generator: nn.Module) -> dict[str, Any] | None:
+    config = getattr(generator, "config", None)
+    return dict(config()) if callable(config) else None
+
+
+def _settings_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    ignore = {"steps", "checkpoint_every"}
+    return sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+
+
+def run_training(
+    generator: nn.Module,
+    step_fn: StepFn,
+    settings: TrainSettings,
+    *,
+    start_state: TrainState | None = None,
+    on_progress: Callable[[int, int, float, dict[str, float]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    save_checkpoint: Callable[[TrainState], None] | None = None,
+) -> TrainResult:
+    """Train ``generator`` for ``settings.steps`` steps (continuing from ``start_state``).
+
+    Per step ``i`` (0-based, from ``start_state.step`` or 0):
+
+    1. ``should_stop()`` → if true: checkpoint (unless just saved) and return
+       ``TrainResult(interrupted=True)``;
+    2. ``torch.manual_seed(step_seed(seed, i, "global"))``; ``rng`` seeded with
+       ``step_seed(seed, i, "data")``;
+    3. ``tokens = generator()`` (train mode, dropout on); ``loss, parts = step_fn(tokens, rng, i)``;
+    4. NaN/inf loss → :class:`TrainingDivergedError` (nothing saved, parameters untouched);
+    5. backward, gradient-norm check (NaN/inf → same error) and clipping, AdamW step;
+    6. history, ``on_progress(i + 1, steps, loss, parts)``, checkpoint every
+       ``checkpoint_every`` steps.
+
+    A final checkpoint is saved at the end. ``save_checkpoint`` receives a
+    :class:`TrainState` of CPU copies; typically ``lambda s: save_train_state(s, path)``.
+
+    Resuming: ``start_state`` restores the generator and the Adam moments exactly. Settings
+    that change the trajectory (anything except ``steps`` and ``checkpoint_every``) should
+    match the run that wrote it; a mismatch only warns, and the optimiser hyper-parameters
+    of ``settings`` win.
+    """
+    settings.validate()
+    params = _trainable(generator)
+    optimizer = _make_optimizer(params, settings)
+    step0 = 0
+    history: list[float] = []
+    parts_history: list[dict[str, float]] = []
+    if start_state is not None:
+        generator.load_state_dict(start_state.generator)
+        optimizer.load_state_dict(start_state.optimizer)
+        for group in optimizer.param_groups:  # the current settings decide the hyper-parameters
+            group.update(lr=settings.lr, betas=settings.adam_betas, eps=settings.adam_eps,
+                         weight_decay=settings.weight_decay)
+        step0 = int(start_state.step)
+        history = [float(x) for x in start_state.loss_history]
+        parts_history = [dict(p) for p in start_state.parts_history]
+        diff = _settings_differences(start_state.settings, settings.to_dict())
+        if diff:
+            warnings.warn(
+                f"resuming with different settings {diff}; the run will not match an uninterrupted one",
+                stacklevel=2,
+            )
+    if step0 > settings.steps:
+        raise ValueError(f"the checkpoint is at step {step0}, beyond steps={settings.steps}; raise steps to continue")
+
+    config = _generator_config(generator)
+    last_saved: int | None = step0 if start_state is not None else None
+    step = step0
+
+    def snapshot() -> TrainState:
+        return TrainState(
+            generator=_cpu_copy(generator.state_dict()),
+            optimizer=_cpu_copy(optimizer.state_dict()),
+            step=step,
+            loss_history=list(history),
+            settings=settings.to_dict(),
+            generator_config=config,
+            parts_history=[dict(p) for p in parts_history],
+        )
+
+    def checkpoint() -> TrainState:
+        nonlocal last_saved
+        state = snapshot()
+        if save_checkpoint is not None and last_saved != step:
+            save_checkpoint(state)
+            last_saved = step
+        return state
+
+    cuda_devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    was_training = generator.training
+    generator.train()
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            while step < settings.steps:
+                if should_stop is not None and should_stop():
+                    return TrainResult(checkpoint(), interrupted=True)
+                torch.manual_seed(step_seed(settings.seed, step, "global"))
+                rng = torch.Generator(device="cpu")
+                rng.manual_seed(step_seed(settings.seed, step, "data"))
+
+                optimizer.zero_grad(set_to_none=True)
+                loss, parts = step_fn(generator(), rng, step)
+                parts = {str(k): float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in parts.items()}
+                if not isinstance(loss, Tensor) or loss.numel() != 1:
+                    raise TypeError(f"step_fn must return a scalar loss tensor, got {type(loss).__name__}")
+                if not loss.requires_grad:
+                    raise ValueError("step_fn's loss does not depend on the tokens (no gradient); check the splicing")
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise TrainingDivergedError(step + 1, settings.steps, loss_value, parts,
+                                                "the loss is not finite", settings, last_saved)
+                loss.reshape(()).backward()
+                max_norm = settings.grad_clip_norm if settings.grad_clip_norm > 0 else math.inf
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False))
+                if not math.isfinite(grad_norm):
+                    optimizer.zero_grad(set_to_none=True)
+                    raise TrainingDivergedError(step + 1, settings.steps, loss_value, parts,
+                                                f"the gradient norm is {grad_norm}", settings, last_saved)
+                optimizer.step()
+
+                step += 1
+                parts["grad_norm"] = grad_norm
+                history.append(loss_value)
+                parts_history.append(parts)
+                if on_progress is not None:
+                    on_progress(step, settings.steps, loss_value, dict(parts))
+                if save_checkpoint is not None and settings.checkpoint_every and step % settings.checkpoint_every == 0:
+                    checkpoint()
+            return TrainResult(checkpoint(), interrupted=False)
+    finally:
+        generator.train(was_training)
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoint file
+# --------------------------------------------------------------------------------------
+
+_FORMAT = "sefi-train-state"
+_FORMAT_VERSION = "1"
+_GEN = "generator/"
+_OPT = "optimizer/state/"
+
+
+def _state_to_file_parts(state: TrainState) -> tuple[dict[str, Tensor], dict[str, str]]:
+    tensors: dict[str, Tensor] = {}
+    for key, value in state.generator.items():
+        tensors[_GEN + key] = value.detach().to("cpu").contiguous().clone()
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entry in state.optimizer.get("state", {}).items():
+        for name, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"{_OPT}{int(pid)}/{name}"] = value.detach().to("cpu").contiguous().clone()
+            else:
+                scalars.setdefault(str(int(pid)), {})[name] = value
+    groups = []
+    for group in state.optimizer.get("param_groups", []):
+        g = {}
+        for k, v in group.items():
+            if isinstance(v, Tensor):
+                v = v.item() if v.numel() == 1 else v.tolist()
+            g[k] = list(v) if isinstance(v, tuple) else v
+        groups.append(g)
+    metadata = {
+        "sefi.format": _FORMAT,
+        "sefi.format_version": _FORMAT_VERSION,
+        "sefi.step": str(int(state.step)),
+        "sefi.loss_history": json.dumps([float(x) for x in state.loss_history]),
+        "sefi.parts_history": json.dumps(state.parts_history),
+        "sefi.settings": json.dumps(state.settings),
+        "sefi.generator_config": json.dumps(state.generator_config),
+        "sefi.optimizer.param_groups": json.dumps(groups),
+        "sefi.optimizer.scalars": json.dumps(scalars),
+    }
+    return tensors, metadata
+
+
+def _write_payload(f: BinaryIO, data: bytes) -> None:
+    """Write in chunks (a separate function so tests can simulate a failure mid-write)."""
+    view = memoryview(data)
+    chunk = 16 * 2**20
+    for start in range(0, len(view), chunk):
+        f.write(view[start : start + chunk])
+
+
+def save_train_state(state: TrainState, path: str | os.PathLike[str]) -> Path:
+    """Write ``state`` to one ``.safetensors`` file, atomically (old file intact on any failure).
+
+    Layout: tensors ``generator/<state_dict key>`` and ``optimizer/state/<param index>/<name>``
+    (Adam's ``exp_avg``, ``exp_avg_sq``, ``step``); everything else (step, histories,
+    settings, generator config, param groups, non-tensor optimiser values) as JSON strings in
+    the safetensors metadata under ``sefi.*``.
+    """
+    tensors, metadata = _state_to_file_parts(state)
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    return atomic_write(path, lambda f: _write_payload(f, data))
+
+
+def load_train_state(path: str | os.PathLike[str]) -> TrainState:
+    """Read a file written by :func:`save_train_state`; raises :class:`TrainStateFileError` if it is not one."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no training checkpoint at {p}")
+    try:
+        with safetensors.safe_open(str(p), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise TrainStateFileError(f"{p} is not a readable safetensors file ({e}); delete it to start over") from e
+    if metadata.get("sefi.format") != _FORMAT:
+        raise TrainStateFileError(f"{p} is not a SeFi training checkpoint (missing sefi.format={_FORMAT!r})")
+    if metadata.get("sefi.format_version") != _FORMAT_VERSION:
+        raise TrainStateFileError(
+            f"{p} has checkpoint format version {metadata.get('sefi.format_version')!r}; "
+            f"this version reads {_FORMAT_VERSION!r}"
+        )
+    try:
+        generator = {k[len(_GEN):]: v for k, v in tensors.items() if k.startswith(_GEN)}
+        opt_state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith(_OPT):
+                pid, name = key[len(_OPT):].split("/", 1)
+                opt_state.setdefault(int(pid), {})[name] = value
+        for pid, entry in json.loads(metadata["sefi.optimizer.scalars"]).items():
+            opt_state.setdefault(int(pid), {}).update(entry)
+        groups = json.loads(metadata["sefi.optimizer.param_groups"])
+        for g in groups:
+            if isinstance(g.get("betas"), list):
+                g["betas"] = tuple(g["betas"])
+        return TrainState(
+            generator=generator,
+            optimizer={"state": dict(sorted(opt_state.items())), "param_groups": groups},
+            step=int(metadata["sefi.step"]),
+            loss_history=[float(x) for x in json.loads(metadata["sefi.loss_history"])],
+            settings=json.loads(metadata["sefi.settings"]),
+            generator_config=json.loads(metadata["sefi.generator_config"]),
+            parts_history=json.loads(metadata.get("sefi.parts_history", "[]")),
+        )
+    except (KeyError, ValueError) as e:
+        raise TrainStateFileError(f"{p} is a damaged SeFi training checkpoint ({e!r}); delete it to start over") from e

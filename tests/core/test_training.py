@@ -1,0 +1,317 @@
+"""The host-agnostic training loop on a toy problem: learning, resume, interrupt, divergence, files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sefi_core import training
+from sefi_core.attention import attention_with_probs, reference_probs
+from sefi_core.generator import build_generator, rebuild_generator
+from sefi_core.losses import attention_map_distance, reference_attention_loss
+from sefi_core.plot import ema, render_loss_curve
+from sefi_core.training import (
+    TrainingDivergedError,
+    TrainSettings,
+    TrainStateFileError,
+    load_train_state,
+    run_training,
+    save_train_state,
+)
+
+C, HEADS, STAGES = 32, 4, 2
+IDENTITY_COL = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: extra intra-op threads only add spin-wait cost on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Toy:
+    """A stand-in for the glue's step_fn with the same structure as the real one.
+
+    * "reconstruction": the stage's V token through a fixed random linear map must hit a target
+      (plus noise drawn from the step's rng);
+    * "attention": a fixed query grid attends over fixed prompt keys with the identity's K token in
+      column 3; the reference prompt puts the "person" embedding there. The reference loss pulls the
+      identity column's maps toward the reference's, with the same queries.
+    """
+
+    def __init__(self, attention: str = "off", weight: float = 1.0):
+        g = torch.Generator().manual_seed(42)
+        self.proj = torch.randn(C, 8, generator=g) / C**0.5
+        self.targets = torch.randn(STAGES, 8, generator=g)
+        self.queries = torch.randn(1, 16, C, generator=g)
+        self.keys = torch.randn(1, 6, C, generator=g) * 0.5
+        self.person = torch.randn(C, generator=g)
+        self.attention = attention
+        self.weight = weight
+
+    def keys_with(self, vec: torch.Tensor) -> torch.Tensor:
+        k = self.keys.clone()
+        k[0, IDENTITY_COL] = vec
+        return k
+
+    def maps(self, k_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.keys_with(k_token)
+        _, ident = attention_with_probs(self.queries, k, k, HEADS, [IDENTITY_COL])
+        ref = reference_probs(self.queries, self.keys_with(self.person), HEADS, [IDENTITY_COL])
+        return ident, ref
+
+    def __call__(self, tokens: dict[str, torch.Tensor], rng: torch.Generator, step: int):
+        t = tokens["clip_l"]
+        stage = int(torch.randint(STAGES, (1,), generator=rng))
+        noise = torch.randn(8, generator=rng) * 0.01
+        recon = ((t[stage, 1, 0] @ self.proj) + noise - self.targets[stage]).pow(2).mean()
+        ident, ref = self.maps(t[stage, 0, 0])
+        attn = reference_attention_loss(ident, ref)
+        loss = recon + (self.weight * attn if self.attention == "reference" else 0.0)
+        return loss, {"diffusion": recon.item(), "attention": attn.item(), "stage": stage}
+
+    def distance(self, generator: torch.nn.Module) -> float:
+        generator.eval()
+        with torch.no_grad():
+            t = generator()["clip_l"]
+            return float(np.mean([attention_map_distance(*self.maps(t[s, 0, 0])) for s in range(STAGES)]))
+
+
+def _generator(seed: int = 0, kind: str = "self_attention"):
+    init = {"clip_l": torch.randn(1, C, generator=torch.Generator().manual_seed(7)) * 0.5}
+    return build_generator(kind, init, stages=STAGES, vectors_per_token=1, kv_split=True, seed=seed)
+
+
+def _settings(**kw) -> TrainSettings:
+    base = dict(steps=12, lr=3e-3, seed=11, checkpoint_every=5, attention_loss="off")
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_settings_json_round_trip_and_validation() -> None:
+    s = TrainSettings(steps=50, templates=["a photo of {}"], scale_range=(0.8, 1.2), attention_loss="mask")
+    again = TrainSettings.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert again == s and again.scale_range == (0.8, 1.2)
+    assert TrainSettings().templates == ["a photo of the face of {}"]
+    assert TrainSettings().attention_weight == 0.003
+    with pytest.raises(ValueError, match="unknown training setting"):
+        TrainSettings.from_dict({"stepz": 3})
+    with pytest.raises(ValueError, match="attention_loss"):
+        TrainSettings(attention_loss="both")
+    with pytest.raises(ValueError, match="exactly one"):
+        TrainSettings(templates=["no placeholder"])
+    with pytest.raises(ValueError, match="lr"):
+        TrainSettings(lr=0.0)
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def test_toy_loss_decreases_and_progress_is_reported() -> None:
+    calls: list[tuple[int, int]] = []
+    result = run_training(
+        _generator(), Toy(), _settings(steps=60, checkpoint_every=0),
+        on_progress=lambda step, total, loss, parts: calls.append((step, total)),
+    )
+    h = result.loss_history
+    assert len(h) == 60 and not result.interrupted and result.steps_done == 60
+    assert np.mean(h[-10:]) < 0.25 * np.mean(h[:10])
+    assert calls == [(i, 60) for i in range(1, 61)]
+    assert set(result.state.parts_history[0]) == {"diffusion", "attention", "stage", "grad_norm"}
+
+
+def test_reference_loss_pulls_identity_maps_toward_reference_maps() -> None:
+    settings = _settings(steps=60, checkpoint_every=0)
+    start = Toy().distance(_generator())
+    off_gen, ref_gen = _generator(), _generator()
+    run_training(off_gen, Toy("off"), settings)
+    run_training(ref_gen, Toy("reference", weight=100.0), settings)
+    d_off, d_ref = Toy().distance(off_gen), Toy().distance(ref_gen)
+    assert d_ref < 0.5 * start
+    assert d_ref < 0.5 * d_off
+
+
+def test_global_rng_state_is_restored() -> None:
+    torch.manual_seed(5)
+    expected = torch.rand(2)
+    torch.manual_seed(5)
+    run_training(_generator(), Toy(), _settings(steps=3, checkpoint_every=0))
+    assert torch.equal(torch.rand(2), expected)
+
+
+def test_loss_without_gradient_is_a_clear_error() -> None:
+    def detached(tokens, rng, step):
+        return tokens["clip_l"].detach().sum(), {}
+
+    with pytest.raises(ValueError, match="does not depend on the tokens"):
+        run_training(_generator(), detached, _settings(steps=2))
+
+
+# ----------------------------------------------------------------------------- interrupt / resume
+
+
+def test_interrupt_then_resume_is_bit_identical(tmp_path: Path) -> None:
+    settings = _settings(steps=12, checkpoint_every=5)
+    full = run_training(_generator(), Toy("reference"), settings)
+
+    ckpt = tmp_path / "train.safetensors"
+    polls = {"n": 0}
+
+    def stop_before_step_8() -> bool:
+        polls["n"] += 1
+        return polls["n"] == 8
+
+    saved_steps: list[int] = []
+
+    def save(state) -> None:
+        saved_steps.append(state.step)
+        save_train_state(state, ckpt)
+
+    part = run_training(_generator(), Toy("reference"), settings, should_stop=stop_before_step_8, save_checkpoint=save)
+    assert part.interrupted and part.steps_done == 7
+    assert saved_steps == [5, 7]
+    state = load_train_state(ckpt)
+    assert state.step == 7 and len(state.loss_history) == 7
+    assert state.loss_history == full.loss_history[:7]
+    assert TrainSettings.from_dict(state.settings) == settings
+
+    # The glue's resume path: rebuild from the stored config, then continue.
+    resumed_gen = rebuild_generator(state.generator_config)
+    rest = run_training(resumed_gen, Toy("reference"), settings, start_state=state, save_checkpoint=save)
+    assert not rest.interrupted and rest.steps_done == 12
+    assert rest.loss_history == full.loss_history
+    assert _same_tensors(rest.state.generator, full.state.generator)
+    for k in ("exp_avg", "exp_avg_sq", "step"):
+        for pid in full.state.optimizer["state"]:
+            assert torch.equal(rest.state.optimizer["state"][pid][k], full.state.optimizer["state"][pid][k])
+    assert saved_steps[-1] == 12
+
+
+def test_saved_state_restores_adam_exactly(tmp_path: Path) -> None:
+    result = run_training(_generator(kind="direct"), Toy(), _settings(steps=4, checkpoint_every=0))
+    path = save_train_state(result.state, tmp_path / "s.safetensors")
+    loaded = load_train_state(path)
+    assert _same_tensors(loaded.generator, result.state.generator)
+    assert loaded.optimizer["param_groups"] == [
+        {**g, "betas": tuple(g["betas"])} for g in result.state.optimizer["param_groups"]
+    ]
+    gen = rebuild_generator(loaded.generator_config)
+    gen.load_state_dict(loaded.generator)
+    opt = torch.optim.AdamW(gen.parameters())
+    opt.load_state_dict(loaded.optimizer)
+    restored = opt.state_dict()
+    for pid, entry in result.state.optimizer["state"].items():
+        for k, v in entry.items():
+            assert torch.equal(restored["state"][pid][k], v)
+
+
+def test_resume_of_a_finished_run_does_nothing(tmp_path: Path) -> None:
+    settings = _settings(steps=3, checkpoint_every=0)
+    done = run_training(_generator(), Toy(), settings)
+    again = run_training(_generator(), Toy(), settings, start_state=done.state,
+                         save_checkpoint=lambda s: pytest.fail("nothing new to save"))
+    assert again.steps_done == 3 and again.loss_history == done.loss_history
+    with pytest.raises(ValueError, match="beyond steps"):
+        run_training(_generator(), Toy(), _settings(steps=2), start_state=done.state)
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    ckpt = tmp_path / "train.safetensors"
+    toy = Toy()
+
+    def blows_up_at_step_7(tokens, rng, step):
+        loss, parts = toy(tokens, rng, step)
+        return (loss * float("nan") if step == 7 else loss), parts
+
+    gen = _generator()
+    with pytest.raises(TrainingDivergedError) as info:
+        run_training(gen, blows_up_at_step_7, _settings(steps=12, checkpoint_every=5),
+                     save_checkpoint=lambda s: save_train_state(s, ckpt))
+    err = info.value
+    assert err.step == 8 and err.last_checkpoint_step == 5
+    msg = str(err)
+    assert "step 8/12" in msg and "diffusion=" in msg and "lower learning rate" in msg and "fp32" in msg
+    assert load_train_state(ckpt).step == 5
+    assert all(torch.isfinite(p).all() for p in gen.parameters())
+
+
+def test_non_finite_gradient_is_divergence_too() -> None:
+    def inf_grad(tokens, rng, step):
+        t = tokens["clip_l"]
+        return (t - t.detach()).pow(2).sum().sqrt(), {}  # value 0, d sqrt at 0 -> inf/nan
+
+    gen = _generator(kind="direct")
+    before = {k: v.clone() for k, v in gen.state_dict().items()}
+    with pytest.raises(TrainingDivergedError, match="gradient norm"):
+        run_training(gen, inf_grad, _settings(steps=3))
+    assert _same_tensors(gen.state_dict(), before)
+
+
+# ----------------------------------------------------------------------------- checkpoint file
+
+
+def test_failed_write_leaves_the_old_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = tmp_path / "train.safetensors"
+    first = run_training(_generator(), Toy(), _settings(steps=2, checkpoint_every=0)).state
+    save_train_state(first, ckpt)
+    old_bytes = ckpt.read_bytes()
+    second = run_training(_generator(seed=1), Toy(), _settings(steps=3, checkpoint_every=0)).state
+
+    def half_then_crash(f, data: bytes) -> None:
+        f.write(data[: len(data) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(training, "_write_payload", half_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_train_state(second, ckpt)
+    assert ckpt.read_bytes() == old_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.safetensors"]
+    assert load_train_state(ckpt).step == 2
+
+
+def test_loading_something_else_is_a_clear_error(tmp_path: Path) -> None:
+    import safetensors.torch
+
+    other = tmp_path / "lora.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(2)}, str(other))
+    with pytest.raises(TrainStateFileError, match="not a SeFi training checkpoint"):
+        load_train_state(other)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(TrainStateFileError):
+        load_train_state(junk)
+    with pytest.raises(FileNotFoundError):
+        load_train_state(tmp_path / "missing.safetensors")
+
+
+# ----------------------------------------------------------------------------- loss curve
+
+
+def test_loss_curve_image() -> None:
+    history = [1.0 / (1 + 0.1 * i) + 0.05 * np.sin(i) for i in range(100)] + [float("nan")]
+    img = render_loss_curve(history, width=320, height=200)
+    assert img.shape == (200, 320, 3) and img.dtype == np.uint8
+    red = (img[..., 0] > 150) & (img[..., 1] < 100) & (img[..., 2] < 100)
+    blue = (img[..., 2] > 200) & (img[..., 0] < 200) & (img[..., 1] < 220)
+    assert red.sum() > 200 and blue.sum() > 50  # smoothed and raw curves are drawn
+    empty = render_loss_curve([], 128, 96)
+    assert empty.shape == (96, 128, 3) and (empty < 255).any()
+    assert render_loss_curve([0.5], 128, 96).shape == (96, 128, 3)
+    assert ema([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
