@@ -5,10 +5,10 @@ import os
 
 from . import host
 from .identity_patch import IdentityAttn2Patch
-from .prompt_encoding import (check_family, clip_family, encode_with_vectors, initializer_text, plan_prompt,
-                              stage_combinations)
+from .prompt_encoding import check_family, clip_family, encode_with_vectors, initializer_text, plan_prompt
 from ..sefi_core.identity import Identity, load_identity
 from ..sefi_core.routing import Binding
+from ..sefi_core.stages import stage_combinations
 
 IDENTITY = "SEFI_IDENTITY"
 CATEGORY = "SeFi-IDE"

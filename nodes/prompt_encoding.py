@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from ..sefi_core.identity import Identity
-from ..sefi_core.stages import stage_of_timestep
 from ..sefi_core.tokens import ENCODER_TOKEN_KEYS, plan_placeholders, splice_vectors
 
 TOKEN_KEY_FAMILY = {frozenset({"l"}): "sd1", frozenset({"g", "l"}): "sdxl"}
@@ -34,20 +33,6 @@ def check_family(identity: Identity, family: str, slot: str = "identity") -> Non
         raise ValueError(f"{slot} '{identity.trigger}' was trained for {identity.family.upper()} but the CLIP is "
                          f"{family.upper()}; use the identity with a matching checkpoint, or train one for "
                          f"{family.upper()}.")
-
-
-def stage_combinations(stage_counts: Sequence[int]) -> list[tuple[int, ...]]:
-    """Every distinct tuple of per-identity stages over t in [0, 1000), in timestep order.
-
-    Identities with different stage counts switch at different timesteps; each distinct tuple needs its
-    own encoding, and there are at most sum(S_i) of them.
-    """
-    combos: list[tuple[int, ...]] = []
-    for t in range(1000):
-        combo = tuple(stage_of_timestep(t, s) for s in stage_counts)
-        if not combos or combos[-1] != combo:
-            combos.append(combo)
-    return combos
 
 
 @dataclass(frozen=True)

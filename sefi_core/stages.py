@@ -8,11 +8,15 @@ ones (ProSpect's convention). Converting a sampler's sigma to t is the host mode
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple, overload
 
 import torch
 
-__all__ = ["MAX_STAGES", "NUM_TIMESTEPS", "StageRange", "check_stages", "stage_of_timestep", "stage_ranges"]
+__all__ = [
+    "MAX_STAGES", "NUM_TIMESTEPS", "StageRange", "check_stages", "stage_combinations", "stage_of_timestep",
+    "stage_ranges",
+]
 
 NUM_TIMESTEPS = 1000
 """DDPM training timesteps; t lies in [0, NUM_TIMESTEPS)."""
@@ -61,3 +65,17 @@ def stage_ranges(stages: int) -> tuple[StageRange, ...]:
     check_stages(stages)
     bounds = [math.ceil(i * NUM_TIMESTEPS / stages) for i in range(stages + 1)]
     return tuple(StageRange(i, bounds[i], bounds[i + 1] - 1) for i in range(stages))
+
+
+def stage_combinations(stage_counts: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every distinct tuple of per-identity stages over t in [0, 1000), in timestep order.
+
+    Identities with different stage counts switch at different timesteps; each distinct tuple needs its
+    own encoding, and there are at most sum(S_i) of them.
+    """
+    combos: list[tuple[int, ...]] = []
+    for t in range(NUM_TIMESTEPS):
+        combo = tuple(stage_of_timestep(t, s) for s in stage_counts)
+        if not combos or combos[-1] != combo:
+            combos.append(combo)
+    return combos

@@ -82,3 +82,13 @@ def test_bad_stage_counts_are_refused(bad: object) -> None:
 def test_non_finite_number_is_refused(t: float) -> None:
     with pytest.raises(ValueError, match="finite"):
         stage_of_timestep(t, 5)
+
+
+def test_stage_combinations_follow_every_identitys_switch_points():
+    from sefi_core.stages import stage_combinations
+
+    assert stage_combinations([5]) == [(0,), (1,), (2,), (3,), (4,)]
+    combos = stage_combinations([5, 3])
+    # switches at t = 200, 400, 600, 800 (S=5) and 334, 667 (S=3): 7 distinct pairs, in timestep order
+    assert combos == [(0, 0), (1, 0), (1, 1), (2, 1), (3, 1), (3, 2), (4, 2)]
+    assert stage_combinations([2, 2]) == [(0, 0), (1, 1)]
