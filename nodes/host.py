@@ -28,6 +28,8 @@ HAS_PATCHER_WRAPPERS = importlib.util.find_spec("comfy.patcher_extension") is no
 
 IDENTITY_FOLDER = "sefi_identities"
 IDENTITY_EXTENSIONS = {".safetensors"}
+INSIGHTFACE_FOLDER = "insightface"  # models/insightface, the ComfyUI convention for insightface packs
+INSIGHTFACE_EXTENSIONS = {".onnx"}
 
 
 def register_model_folder(name: str, extensions: Iterable[str]) -> str:
@@ -50,6 +52,33 @@ def register_model_folder(name: str, extensions: Iterable[str]) -> str:
         table[name] = (paths, exts)
         os.makedirs(default, exist_ok=True)
     return default
+
+
+def knows_model_folder(name: str) -> bool:
+    """Whether the host, another pack or extra_model_paths.yaml has registered model folder `name`. Never
+    indexes the table: upstream raises KeyError for unknown names, PyPI's table creates the entry instead."""
+    return name in folder_paths.folder_names_and_paths
+
+
+def ensure_model_folder(name: str, extensions: Iterable[str]) -> bool:
+    """register_model_folder only when nobody has registered `name` yet, so another pack's extension list stays
+    as it is. Returns whether it registered."""
+    if knows_model_folder(name):
+        return False
+    register_model_folder(name, extensions)
+    return True
+
+
+def insightface_roots() -> list[str]:
+    """Folders that may hold insightface packs as `<root>/models/<pack>/*.onnx`: the registered 'insightface'
+    folders (extra_model_paths.yaml `insightface:` entries included), then models/insightface if not among them."""
+    default = os.path.join(folder_paths.models_dir, INSIGHTFACE_FOLDER)
+    if not knows_model_folder(INSIGHTFACE_FOLDER):
+        return [default]
+    roots = list(folder_paths.get_folder_paths(INSIGHTFACE_FOLDER))
+    if os.path.normpath(default) not in [os.path.normpath(r) for r in roots]:
+        roots.append(default)
+    return roots
 
 
 def filename_list(name: str) -> list[str]:
@@ -80,6 +109,28 @@ def raise_if_interrupted() -> None:
     model_management.throw_exception_if_processing_interrupted()
 
 
-__all__ = ["DISTRIBUTION", "HAS_HOOKS", "HAS_PATCHER_WRAPPERS", "IDENTITY_FOLDER", "InterruptProcessingException",
-           "folder_paths", "filename_list", "full_path", "interrupt_current_processing", "model_management",
+def clip_attention(device):
+    """The attention function the host's CLIP encoder uses for a causal-masked, short (77-token) input."""
+    from comfy.ldm.modules.attention import optimized_attention_for_device
+    return optimized_attention_for_device(device, mask=True, small_input=True)
+
+
+def load_for_training(model, clip) -> None:
+    """Put the MODEL's and CLIP's weights on their compute device with any weight patches (LoRA) applied, fully
+    loaded where the host can force it (upstream has force_full_load, 0.0.1 does not)."""
+    import inspect
+    kwargs = {}
+    if "force_full_load" in inspect.signature(model_management.load_models_gpu).parameters:
+        kwargs["force_full_load"] = True
+    model_management.load_models_gpu([model], **kwargs)
+    clip.load_model()
+
+
+def torch_device():
+    return model_management.get_torch_device()
+
+
+__all__ = ["DISTRIBUTION", "HAS_HOOKS", "HAS_PATCHER_WRAPPERS", "IDENTITY_FOLDER", "INSIGHTFACE_FOLDER",
+           "InterruptProcessingException", "ensure_model_folder", "clip_attention", "folder_paths", "filename_list", "load_for_training", "torch_device", "full_path",
+           "insightface_roots", "interrupt_current_processing", "knows_model_folder", "model_management",
            "models_dir", "progress_bar", "raise_if_interrupted", "register_model_folder"]
