@@ -19,7 +19,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 QUIET := 2>&1 | { grep -v -E "is ignored: it is neither|yanked" || true; }
 STAMP := $(VENV)/.sefi-ready
 
-.PHONY: setup test demo serve tiny-checkpoints clean-venv
+.PHONY: setup test demo serve tiny-checkpoints clean-venv browser
 
 setup: $(STAMP)
 
@@ -34,7 +34,15 @@ else
 endif
 	$(PIP) install -c constraints.txt -r requirements.txt -r requirements-dev.txt $(QUIET)
 	$(PY) -c "import torch, safetensors, dlib, face_recognition_models, pytest"
+	$(MAKE) --no-print-directory browser
 	touch $(STAMP)
+
+# Debian's Chromium for the real-browser test of the workflows (Playwright drives it; no browser download).
+browser:
+	@if command -v chromium >/dev/null; then true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "chromium is not installed and this user cannot apt-get it: the browser test will be skipped"; fi
 
 test: setup
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)

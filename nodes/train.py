@@ -1,0 +1,278 @@
+"""SeFiTrainIdentity: learn a SeFi identity (per-stage K/V tokens) from face photos, inside ComfyUI.
+
+The loop is sefi_core.training.run_training; the model side is nodes/training_host.SefiStep. Files:
+models/sefi_identities/<name>.safetensors (the identity) and models/sefi_identities/checkpoints/<name>.sefi-train
+(resumable state; the loader lists only .safetensors, so checkpoints stay out of its dropdown).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import host
+from .identity import CATEGORY, IDENTITY
+from .training_host import (SefiStep, TextEncoder, fit_image, fit_mask, peak_memory_bytes, reset_peak_memory,
+                            training_context)
+from ..sefi_core.generator import build_generator, rebuild_generator
+from ..sefi_core.identity import Identity, hash_array, save_identity
+from ..sefi_core.plot import render_loss_curve
+from ..sefi_core.training import (LOSS_SITES, TrainSettings, load_train_state, run_training,
+                                  save_train_state)
+
+log = logging.getLogger("sefi")
+
+PARAMETRISATIONS = {"self-attention generator": "self_attention", "direct tokens": "direct"}
+DEFAULT_LR = {"self_attention": 1e-4, "direct": 5e-3}
+CHECKPOINT_SUFFIX = ".sefi-train"
+LOG_EVERY = 25
+
+PROGRESS_HOOKS: list = []
+"""Callables (step, total, loss, parts) run after every step; for tests and tools (e.g. to press Cancel)."""
+
+
+def identity_dir() -> Path:
+    return Path(host.models_dir()) / host.IDENTITY_FOLDER
+
+
+def checkpoint_dir() -> Path:
+    return identity_dir() / "checkpoints"
+
+
+def check_name(name: str) -> str:
+    """A plain file name for the identity (no folders, no '..'); '.safetensors' is added if missing."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("name must be a file name for the identity, e.g. 'my_face'")
+    name = name.strip()
+    if "/" in name or "\\" in name or ".." in name or name.startswith(".") or os.path.isabs(name):
+        raise ValueError(f"name {name!r} must be a plain file name without folders, path separators or '..' "
+                         f"(it is saved in {identity_dir()}); e.g. 'my_face'")
+    return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+
+
+def resolve_checkpoint(resume_from: str) -> Path:
+    value = resume_from.strip()
+    candidates = [Path(value).expanduser()]
+    if not os.path.isabs(value):
+        candidates += [checkpoint_dir() / value, checkpoint_dir() / (value + CHECKPOINT_SUFFIX)]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(f"resume_from={resume_from!r}: no training checkpoint found (looked at "
+                            f"{', '.join(str(c) for c in candidates)})")
+
+
+def _one(x):
+    return x[0] if isinstance(x, list) else x
+
+
+def _image_list(images) -> list[torch.Tensor]:
+    items = images if isinstance(images, list) else [images]
+    out = []
+    for im in items:
+        out += [im] if im.dim() == 3 else list(im)
+    if not out:
+        raise ValueError("images: give at least one face photo")
+    return out
+
+
+class SeFiTrainIdentity:
+    DESCRIPTION = ("Train a SeFi identity (per-stage key/value tokens) from one or more face photos, with the "
+                   "frozen model, CLIP and VAE of an SD1.5 checkpoint. Saves models/sefi_identities/<name>."
+                   "safetensors plus resumable checkpoints; Cancel saves a checkpoint you can resume from.")
+    INPUT_IS_LIST = True  # so photos of different sizes can come in as a list
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model (frozen; never modified)."}),
+                "clip": ("CLIP", {"tooltip": "The checkpoint's text encoder (frozen)."}),
+                "vae": ("VAE", {"tooltip": "The checkpoint's VAE; encodes the photos once before training."}),
+                "images": ("IMAGE", {"tooltip": "Face photos or crops (one is enough). Each is resized so its "
+                                                "shorter side is `resolution`, then centre-cropped."}),
+                "name": ("STRING", {"default": "my_identity", "tooltip": "File name of the identity in "
+                                    "models/sefi_identities (no folders)."}),
+                "trigger": ("STRING", {"default": "sks", "tooltip": "The word you will write in prompts for "
+                                       "this person."}),
+                "initializer": ("STRING", {"default": "person", "tooltip": "A word whose embedding the tokens "
+                                           "start from."}),
+                "steps": ("INT", {"default": 600, "min": 1, "max": 100000, "tooltip": "Optimiser steps."}),
+                "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e30, "step": 1e-5,
+                                            "tooltip": "0 = default for the parametrisation (1e-4 for the "
+                                                       "self-attention generator, 5e-3 for direct tokens)."}),
+                "stages": ("INT", {"default": 5, "min": 1, "max": 10, "tooltip": "Timestep stages, each with its "
+                                   "own K/V tokens (the paper uses 5)."}),
+                "vectors_per_token": ("INT", {"default": 1, "min": 1, "max": 8, "tooltip": "Word slots the "
+                                              "trigger expands to."}),
+                "parametrisation": (list(PARAMETRISATIONS), {"tooltip": "self-attention generator: the paper's "
+                                    "token generator; direct tokens: free vectors (faster, a deviation)."}),
+                "kv_split": ("BOOLEAN", {"default": True, "tooltip": "Separate key and value tokens (the paper); "
+                                         "off = one token per stage for both."}),
+                "attention_loss": (["reference", "mask", "off"], {"tooltip": "reference: the paper's face-wise "
+                                   "loss (maps of the trigger follow those of 'person'); mask: pull attention into "
+                                   "the face mask; off."}),
+                "attention_weight": ("FLOAT", {"default": 0.003, "min": 0.0, "max": 1000.0, "step": 0.001,
+                                               "tooltip": "λ of the attention loss (paper: 0.003)."}),
+                "loss_sites": (list(LOSS_SITES), {"tooltip": "Cross-attention resolutions the attention loss "
+                               "reads: quarter = latent/4 (16×16 at 512 px), quarter+half adds latent/2, all."}),
+                "masked_diffusion_loss": ("BOOLEAN", {"default": False, "tooltip": "Only reconstruct the face "
+                                                      "mask area (needs a mask)."}),
+                "prompt_templates": ("STRING", {"multiline": True, "default": "a photo of the face of {}",
+                                                "tooltip": "Training prompts, one per line; {} is the trigger."}),
+                "flip_augmentation": ("BOOLEAN", {"default": True, "tooltip": "Randomly mirror the photos."}),
+                "scale_augmentation": ("BOOLEAN", {"default": False, "tooltip": "Random zoom 0.9–1.1 (in latent "
+                                                   "space)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "tooltip": "Seed of all training "
+                                 "randomness (same seed = same result on CPU)."}),
+                "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Training "
+                                       "image size."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Samples per step."}),
+                "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 100000, "tooltip": "Save a "
+                                             "resumable checkpoint every N steps (0 = only at the end / on "
+                                             "Cancel)."}),
+                "resume_from": ("STRING", {"default": "", "tooltip": "Checkpoint name or path to continue from "
+                                           "(empty = start fresh)."}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing identity file of "
+                                          "the same name."}),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": "Face mask(s) matching the photos (e.g. from SeFi Face Mask); for "
+                                  "attention_loss=mask and the masked diffusion loss."}),
+            },
+        }
+
+    RETURN_TYPES = (IDENTITY, "IMAGE", "STRING")
+    RETURN_NAMES = ("identity", "loss_curve", "file_name")
+    OUTPUT_TOOLTIPS = ("The trained identity (for SeFi Apply Identity).", "Training loss curve.",
+                       "The saved identity file name.")
+    FUNCTION = "train"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    def train(self, model, clip, vae, images, name, trigger="sks", initializer="person", steps=600,
+              learning_rate=0.0, stages=5, vectors_per_token=1, parametrisation="self-attention generator",
+              kv_split=True, attention_loss="reference", attention_weight=0.003, loss_sites="quarter",
+              masked_diffusion_loss=False, prompt_templates="a photo of the face of {}", flip_augmentation=True,
+              scale_augmentation=False, seed=0, resolution=512, batch_size=1, checkpoint_every=100,
+              resume_from="", overwrite=False, mask=None):
+        model, clip, vae = _one(model), _one(clip), _one(vae)
+        (name, trigger, initializer, steps, learning_rate, stages, vectors_per_token, parametrisation, kv_split,
+         attention_loss, attention_weight, loss_sites, masked_diffusion_loss, prompt_templates,
+         flip_augmentation, scale_augmentation, seed, resolution, batch_size, checkpoint_every, resume_from,
+         overwrite) = map(_one, (name, trigger, initializer, steps, learning_rate, stages, vectors_per_token,
+                                 parametrisation, kv_split, attention_loss, attention_weight, loss_sites,
+                                 masked_diffusion_loss, prompt_templates, flip_augmentation, scale_augmentation,
+                                 seed, resolution, batch_size, checkpoint_every, resume_from, overwrite))
+        name = check_name(name)
+        out_path = identity_dir() / f"{name}.safetensors"
+        if out_path.exists() and not overwrite:
+            raise FileExistsError(f"an identity named '{name}' already exists ({out_path}); pick another name or "
+                                  f"set overwrite to true")
+        if parametrisation not in PARAMETRISATIONS:
+            raise ValueError(f"parametrisation must be one of {list(PARAMETRISATIONS)}, got {parametrisation!r}")
+        kind = PARAMETRISATIONS[parametrisation]
+        templates = [t.strip() for t in str(prompt_templates).splitlines() if t.strip()]
+        settings = TrainSettings(
+            steps=int(steps), lr=float(learning_rate) or DEFAULT_LR[kind], batch_size=int(batch_size),
+            seed=int(seed), checkpoint_every=int(checkpoint_every), attention_loss=attention_loss,
+            attention_weight=float(attention_weight), loss_sites=loss_sites,
+            masked_diffusion=bool(masked_diffusion_loss), templates=templates, reference_word="person",
+            flip=bool(flip_augmentation), scale_augment=bool(scale_augmentation), resolution=int(resolution),
+            precision="fp32" if host.torch_device().type == "cpu" else "bf16")
+        ckpt_path = checkpoint_dir() / f"{name}{CHECKPOINT_SUFFIX}"
+        resume_path = resolve_checkpoint(resume_from) if str(resume_from).strip() else None
+
+        pics = _image_list(images)
+        image_hashes = [hash_array((p[..., :3].float().cpu().numpy() * 255).round().astype(np.uint8)) for p in pics]
+        masks = None
+        if mask is not None:
+            mlist = []
+            for m in (mask if isinstance(mask, list) else [mask]):
+                mlist += [m] if m.dim() == 2 else list(m)
+            if len(mlist) == 1 and len(pics) > 1:
+                mlist = mlist * len(pics)
+            if len(mlist) != len(pics):
+                raise ValueError(f"{len(mlist)} masks for {len(pics)} images; give one mask per image")
+            masks = torch.cat([fit_mask(m.float().cpu(), settings.resolution) for m in mlist])
+
+        device = host.torch_device()
+        with training_context(model, clip) as dtype:
+            reset_peak_memory(device)
+            # loaded here, outside inference mode, so the Adam state is made of ordinary tensors
+            start_state = load_train_state(resume_path) if resume_path is not None else None
+            pixels = torch.cat([fit_image(p.float().cpu().clone(), settings.resolution) for p in pics])
+            encoder = TextEncoder(clip)
+            step_fn = SefiStep(model, clip, vae, pixels, masks, settings, trigger, int(vectors_per_token), encoder)
+            if start_state is not None:
+                generator = rebuild_generator(start_state.generator_config)
+            else:
+                generator = build_generator(kind, {"clip_l": encoder.initializer_embedding(initializer)},
+                                            stages=int(stages), vectors_per_token=int(vectors_per_token),
+                                            kv_split=bool(kv_split), seed=int(seed))
+            generator.to(model.load_device)
+            result = self._run(generator, step_fn, settings, start_state, ckpt_path, name)
+            peak = peak_memory_bytes(device)
+            generator.eval()
+            with torch.no_grad():
+                tokens = {k: v.detach().float().cpu() for k, v in generator().items()}
+
+        log.info("[SeFi] %s: peak memory %.1f MiB (%s, compute %s)", name, peak / 2**20, device, dtype)
+        training = settings.to_dict()
+        training.update(parametrisation=kind, generator=generator.config(), steps_done=result.steps_done,
+                        final_loss=result.loss_history[-1] if result.loss_history else None,
+                        peak_memory_bytes=peak, device=str(device), host=host.DISTRIBUTION,
+                        initializer=initializer)
+        identity = Identity("sd1", tokens, trigger, initializer, training, tuple(image_hashes))
+        if out_path.exists() and not overwrite:
+            raise FileExistsError(f"an identity named '{name}' appeared while training ({out_path}); the "
+                                  f"checkpoint {ckpt_path} holds the result; resume it under another name")
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        save_identity(identity, out_path)
+        curve = torch.from_numpy(render_loss_curve(result.loss_history).astype(np.float32) / 255.0)[None]
+        return identity, curve, out_path.name
+
+    def _run(self, generator, step_fn, settings, start_state, ckpt_path: Path, name: str):
+        total = settings.steps
+        bar = host.progress_bar(total)
+        if start_state is not None:
+            bar.update(int(start_state.step))
+        interrupted = []
+        t0 = time.monotonic()
+
+        def on_progress(step, total_, loss, parts):
+            bar.update(1)
+            if step % LOG_EVERY == 0 or step == total_ or step == 1:
+                txt = " ".join(f"{k}={v:.4g}" for k, v in parts.items())
+                log.info("[SeFi] %s step %d/%d loss=%.5f %s (%.2f s/step)", name, step, total_, loss, txt,
+                         (time.monotonic() - t0) / max(1, step - (start_state.step if start_state else 0)))
+            for hook in list(PROGRESS_HOOKS):
+                hook(step, total_, loss, parts)
+
+        def should_stop():
+            try:
+                host.raise_if_interrupted()
+            except host.InterruptProcessingException:
+                interrupted.append(True)
+                return True
+            return False
+
+        def save(state):
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            save_train_state(state, ckpt_path)
+
+        result = run_training(generator, step_fn, settings, start_state=start_state, on_progress=on_progress,
+                              should_stop=should_stop, save_checkpoint=save)
+        if result.interrupted:
+            log.info("[SeFi] %s interrupted at step %d; checkpoint saved to %s (resume_from=%s)", name,
+                     result.steps_done, ckpt_path, ckpt_path.name)
+            raise host.InterruptProcessingException()
+        return result
+
+
+NODE_CLASS_MAPPINGS = {"SeFiTrainIdentity": SeFiTrainIdentity}
+NODE_DISPLAY_NAME_MAPPINGS = {"SeFiTrainIdentity": "SeFi Train Identity"}

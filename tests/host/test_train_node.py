@@ -1,0 +1,226 @@
+"""SeFiTrainIdentity and its host adapter (nodes/training_host.py) in the real host with the tiny SD1.5
+checkpoint. Runs at 64 px with few steps so the whole file stays within a few CPU minutes."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+RES = 64
+TEMPLATE = "a photo of the face of {}"
+
+
+@pytest.fixture(scope="module")
+def photo(faces_dir):
+    """obama_1.jpg as a ComfyUI IMAGE [1, H, W, 3] (the node itself resizes and centre-crops)."""
+    img = Image.open(faces_dir / "obama_1.jpg").convert("RGB")
+    img.thumbnail((160, 160))
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+
+
+@pytest.fixture(scope="module")
+def face_mask(photo):
+    """A centred ellipse standing in for a SeFiFaceMask crop mask."""
+    h, w = photo.shape[1:3]
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    return (((xx / 0.45) ** 2 + (yy / 0.6) ** 2) <= 1).float()[None]
+
+
+def _args(**kw):
+    args = dict(name="t", trigger="sks", initializer="person", steps=4, learning_rate=0.0, stages=2,
+                vectors_per_token=1, parametrisation="direct tokens", kv_split=True, attention_loss="reference",
+                attention_weight=0.003, loss_sites="quarter", masked_diffusion_loss=False,
+                prompt_templates=TEMPLATE, flip_augmentation=True, scale_augmentation=False, seed=3,
+                resolution=RES, batch_size=1, checkpoint_every=0, resume_from="", overwrite=True)
+    args.update(kw)
+    return args
+
+
+def _train(host, sd15, photo, **kw):
+    model, clip, vae = sd15
+    return host.run("SeFiTrainIdentity", model=model, clip=clip, vae=vae, images=photo, **_args(**kw))
+
+
+def _settings(pack, **kw):
+    base = dict(steps=1, resolution=RES, flip=False, templates=[TEMPLATE], attention_loss="reference",
+                loss_sites="all")
+    base.update(kw)
+    return pack.core("training").TrainSettings(**base)
+
+
+def _evaluate(pack, sd15, photo, tokens, mask=None, **kw):
+    """Diffusion loss and identity/reference maps of `tokens` for fixed (t, noise) pairs (no augmentation)."""
+    th = pack.glue("training_host")
+    model, clip, vae = sd15
+    g = torch.Generator().manual_seed(11)
+    pairs = [(t, torch.randn(1, 4, RES // 8, RES // 8, generator=g)) for t in (50, 150, 300, 450, 600, 750, 900)]
+    with th.training_context(model, clip):
+        pixels = th.fit_image(photo, RES)
+        m = None if mask is None else th.fit_mask(mask, RES)
+        step = th.SefiStep(model, clip, vae, pixels, m, _settings(pack, **kw), "sks", 1)
+        return step.evaluate(tokens, pairs)
+
+
+def test_manual_clip_matches_host_encode_and_has_gradient(host, sd15, pack):
+    th, pe = pack.glue("training_host"), pack.glue("prompt_encoding")
+    model, clip, _ = sd15
+    g = torch.Generator().manual_seed(0)
+    vec = torch.randn(1, 1, 768, generator=g) * 0.02
+    with torch.inference_mode():
+        with th.training_context(model, clip):
+            enc = th.TextEncoder(clip)
+            p = enc.prompt(TEMPLATE, "sks", 1)
+            v = vec.clone().requires_grad_(True)
+            ours = enc.encode(torch.tensor([p.ids]), p.slots, v)
+            ours.pow(2).mean().backward()
+            grad = v.grad.clone()
+        plan = pe.plan_prompt(clip, TEMPLATE.format("sks"), [th._Trigger("sks", 1)], 1.0)
+        theirs, _ = pe.encode_with_vectors(clip, plan, [{"clip_l": vec[0]}])
+    assert [t for t, *_ in plan.tokens["l"][0]] == p.ids
+    torch.testing.assert_close(ours.detach(), theirs.float(), atol=1e-3, rtol=1e-3)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def trained_off(host, sd15, photo):
+    return _train(host, sd15, photo, name="off", steps=8, stages=1, learning_rate=0.05, attention_loss="off",
+                  flip_augmentation=False)
+
+
+def test_training_lowers_fixed_noise_loss(host, sd15, pack, photo, trained_off):
+    """Direct tokens, one image, lr 0.05 so 8 CPU steps move them: the diffusion loss at fixed (t, noise) pairs
+    is lower with the trained tokens than with the initializer tokens."""
+    identity, curve, fname = trained_off
+    th = pack.glue("training_host")
+    model, clip, _ = sd15
+    with torch.inference_mode(), th.training_context(model, clip):
+        init = th.TextEncoder(clip).initializer_embedding("person")
+    start = {"clip_l": init.view(1, 1, 1, 768).expand(1, 2, 1, 768).clone()}
+    with torch.inference_mode():
+        before = _evaluate(pack, sd15, photo, start, attention_loss="off")["loss"]
+        after = _evaluate(pack, sd15, photo, dict(identity.tokens), attention_loss="off")["loss"]
+    assert after < before, (before, after)
+    assert fname == "off.safetensors" and curve.shape[0] == 1 and curve.shape[-1] == 3
+    assert identity.training["steps_done"] == 8 and identity.training["peak_memory_bytes"] > 0
+
+
+def _maps(result):
+    ids = torch.cat([torch.cat(s, 2) for s in result["id_maps"]], 2)
+    refs = torch.cat([torch.cat(s, 2) for s in result["ref_maps"]], 2)
+    return ids, refs
+
+
+def test_attention_losses_move_the_maps(host, sd15, pack, photo, face_mask, trained_off):
+    """attention_weight is raised to 300 (from the paper's 0.003) so that 8 CPU steps show the effect of each
+    mode against the same run with the loss off."""
+    L = pack.core("losses")
+    common = dict(steps=8, stages=1, learning_rate=0.05, flip_augmentation=False, attention_weight=300.0,
+                  loss_sites="all")
+    ref_id = _train(host, sd15, photo, name="ref", attention_loss="reference", **common)[0]
+    mask_id = _train(host, sd15, photo, name="mask", attention_loss="mask", mask=face_mask, **common)[0]
+    with torch.inference_mode():
+        off_eval = _evaluate(pack, sd15, photo, dict(trained_off[0].tokens), mask=face_mask)
+        ref_eval = _evaluate(pack, sd15, photo, dict(ref_id.tokens), mask=face_mask)
+        mask_eval = _evaluate(pack, sd15, photo, dict(mask_id.tokens), mask=face_mask)
+    d_off = L.attention_map_distance(*_maps(off_eval))
+    d_ref = L.attention_map_distance(*_maps(ref_eval))
+    assert d_ref < d_off, (d_ref, d_off)
+
+    def inside(ev):
+        return np.mean([L.attention_mass_inside(p, m) for ps, ms in zip(ev["id_maps"], ev["mask_grids"])
+                        for p, m in zip(ps, ms)])
+    assert inside(mask_eval) > inside(off_eval), (inside(mask_eval), inside(off_eval))
+
+
+def test_interrupt_checkpoint_and_exact_resume(host, sd15, pack, photo):
+    """Cancel at step 2 of 4 → the host's interrupt propagates, the checkpoint loads, and resuming gives tokens
+    identical to an uninterrupted run (self-attention generator, with dropout)."""
+    train = pack.glue("train")
+    hostmod = pack.glue("host")
+    tr = pack.core("training")
+    common = dict(steps=4, parametrisation="self-attention generator", stages=2)
+    full = _train(host, sd15, photo, name="full", **common)[0]
+
+    def cancel(step, total, loss, parts):
+        if step == 2:
+            hostmod.interrupt_current_processing(True)
+    train.PROGRESS_HOOKS.append(cancel)
+    try:
+        with pytest.raises(hostmod.InterruptProcessingException):
+            _train(host, sd15, photo, name="cut", **common)
+    finally:
+        train.PROGRESS_HOOKS.remove(cancel)
+    ckpt = train.checkpoint_dir() / "cut.sefi-train"
+    assert tr.load_train_state(ckpt).step == 2
+    assert not (train.identity_dir() / "cut.safetensors").exists()
+    resumed = _train(host, sd15, photo, name="cut", resume_from="cut", **common)[0]
+    assert torch.equal(resumed.tokens["clip_l"], full.tokens["clip_l"])
+
+
+def _snapshot(module):
+    return {k: (v, v.detach().clone()) for k, v in list(module.named_parameters()) + list(module.named_buffers())}
+
+
+def test_frozen_weights_untouched(host, sd15, pack, photo):
+    model, clip, vae = sd15
+    mods = [model.model, clip.cond_stage_model, vae.first_stage_model]
+    with torch.inference_mode():
+        before = [_snapshot(m) for m in mods]
+        options = repr(model.model_options)
+        _train(host, sd15, photo, name="frozen", steps=1, attention_loss="reference")
+    for m, snap in zip(mods, before):
+        now = dict(list(m.named_parameters()) + list(m.named_buffers()))
+        assert now.keys() == snap.keys()
+        for k, (obj, val) in snap.items():
+            assert now[k] is obj, f"{k} was replaced"
+            assert torch.equal(now[k], val), f"{k} changed"
+    assert repr(model.model_options) == options
+    assert all("forward" not in mod.__dict__ for mod in model.model.modules())
+
+
+def test_name_overwrite_and_divergence(host, sd15, pack, photo):
+    train = pack.glue("train")
+    tr = pack.core("training")
+    for bad in ("../x", "a/b", "a\\b"):
+        with pytest.raises(ValueError, match="plain file name"):
+            _train(host, sd15, photo, name=bad)
+    _train(host, sd15, photo, name="keep", steps=1)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        _train(host, sd15, photo, name="keep", steps=1, overwrite=False)
+    ckpt = train.checkpoint_dir() / "nan.sefi-train"
+    # step 1 is finite and checkpointed; lr 1e30 then blows the tokens up and step 2 diverges
+    with pytest.raises(tr.TrainingDivergedError, match="diverged"):
+        _train(host, sd15, photo, name="nan", steps=3, learning_rate=1e30, checkpoint_every=1)
+    state = tr.load_train_state(ckpt)
+    assert state.step >= 1 and all(np.isfinite(state.loss_history))
+    assert not (train.identity_dir() / "nan.safetensors").exists()
+
+
+def test_saved_identity_samples_through_server(host, sd15, pack, photo, trained_off, server):
+    """The trained file, loaded by SeFiLoadIdentity on a real server, drives SeFiApplyIdentity → KSampler → SaveImage."""
+    from tools.comfy_client import output_files
+    train = pack.glue("train")
+    dest = server.models_dir / "sefi_identities"
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(train.identity_dir() / "off.safetensors", dest / "trained_off.safetensors")
+    ckpt = next((server.models_dir / "checkpoints").iterdir()).name
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "SeFiLoadIdentity", "inputs": {"identity_name": "trained_off.safetensors"}},
+        "3": {"class_type": "SeFiApplyIdentity", "inputs": {"model": ["1", 0], "clip": ["1", 1], "identity": ["2", 0],
+                                                             "text": "a photo of sks person", "strength": 1.0,
+                                                             "start_percent": 0.0, "end_percent": 1.0}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["3", 0], "positive": ["3", 1], "negative": ["4", 0],
+                                                   "latent_image": ["5", 0], "seed": 1, "steps": 2, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "sefi_trained"}},
+    }
+    entry = server.client.run(graph, timeout=300)
+    files = output_files(entry, server.output_dir)
+    assert files and all(f.is_file() for f in files)
