@@ -83,6 +83,26 @@ class ComfyClient:
     def interrupt(self) -> None:
         self._request("/interrupt", {})
 
+    def upload_image(self, path: Path, subfolder: str = "", name: str | None = None, overwrite: bool = True,
+                     timeout: float = 120) -> str:
+        """POST /upload/image (multipart, as the web UI sends it) into the server's input folder as `name`
+        (default: the file's name); returns the name LoadImage takes (``subfolder/name``). Works on the PyPI
+        host and upstream alike."""
+        path = Path(path)
+        name = name or path.name
+        boundary = uuid.uuid4().hex
+        fields = {"type": "input", "subfolder": subfolder, "overwrite": "true" if overwrite else "false"}
+        body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode()
+                        for k, v in fields.items())
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
+                 "Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes()
+        body += f"\r\n--{boundary}--\r\n".encode()
+        req = urllib.request.Request(self.base_url + "/upload/image", data=body,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            reply = json.loads(resp.read())
+        return f"{reply['subfolder']}/{reply['name']}" if reply.get("subfolder") else reply["name"]
+
 
 def output_files(entry: dict[str, Any], output_dir: Path) -> list[Path]:
     """Paths of the files a finished prompt reported under its outputs (images of SaveImage and the like)."""

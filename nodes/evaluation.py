@@ -1,0 +1,129 @@
+"""Identity score of generated images against reference photos (SeFiIdentityScore): a thin wrapper around
+sefi_core.eval.evaluate. See docs/evaluation.md for what the numbers mean and how the threshold was measured.
+
+The scoring core is imported on first use, like the face node's: it needs opencv and dlib (or insightface), and
+a missing package must become an error on this node, not take the pack down at load time.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+from . import host
+from .faces import BACKENDS, CATEGORY, INSIGHTFACE_PACKS, _core, _detect_cached, _make_backend
+
+log = logging.getLogger(__name__)
+
+REFERENCE_MODES = ("mean", "min")
+TEXT_FORMATS = ("table", "json", "csv")
+
+
+class _CachedBackend:
+    """The chosen face backend with detections shared with SeFi Face Mask's cache (same key: backend, image)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.name = engine.name
+        location = getattr(engine, "location", None)
+        if location is not None:
+            self.location = location
+
+    def detect(self, image: np.ndarray, descriptors: bool = True) -> list:
+        host.raise_if_interrupted()
+        return _detect_cached(self.engine, image, descriptors)
+
+
+def _resolve_clip_weights(value: str) -> str:
+    """An absolute path as given; a relative one is looked up under ComfyUI's models folder."""
+    value = value.strip()
+    if not value or os.path.isabs(os.path.expanduser(value)):
+        return os.path.expanduser(value)
+    return os.path.join(host.models_dir(), value)
+
+
+class SeFiIdentityScore:
+    DESCRIPTION = ("Score generated images against reference photos of the person: whether a face was found, the "
+                   "identity similarity of the largest face (dlib offline, or insightface ArcFace when its pack is "
+                   "installed) and, with prompts and a local open_clip model, the prompt fidelity. Returns a table "
+                   "picture, the table as text (or JSON/CSV) and the mean similarity.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "The generated images to score (a batch)."}),
+                "reference_images": ("IMAGE", {"tooltip": "Photos of the person (e.g. the training photos). "
+                                                          "Their descriptors are averaged."}),
+                "backend": (list(BACKENDS), {"default": "auto", "tooltip": (
+                    "auto: insightface ArcFace when insightface and its pack (models/insightface) are installed, "
+                    "else dlib. The report names the model used; numbers of different backends do not compare.")}),
+                "reference_mode": (list(REFERENCE_MODES), {"default": "mean", "tooltip": (
+                    "mean: distance to the mean descriptor of the references. min: distance to the closest "
+                    "single reference (kinder to references that differ a lot).")}),
+                "text_format": (list(TEXT_FORMATS), {"default": "table", "tooltip": (
+                    "What the report STRING holds: a text table, the full JSON report, or CSV rows.")}),
+            },
+            "optional": {
+                "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": (
+                    "The prompt of each image, one per line in batch order (or one line for all). Used for prompt "
+                    "fidelity when clip_weights is set.")}),
+                "clip_weights": ("STRING", {"default": "", "tooltip": (
+                    "Local open_clip weights for prompt fidelity (absolute path, or relative to ComfyUI's models "
+                    "folder). Empty = prompt fidelity off. Nothing is downloaded.")}),
+                "clip_model": ("STRING", {"default": "ViT-B-32", "tooltip": (
+                    "open_clip architecture of clip_weights (e.g. ViT-B-32, ViT-L-14).")}),
+                "insightface_pack": (list(INSIGHTFACE_PACKS), {"default": "antelopev2", "tooltip": (
+                    "The insightface pack in models/insightface/models/<pack> (insightface backend only).")}),
+            },
+        }
+
+    RETURN_TYPES = ("IMAGE", "STRING", "FLOAT")
+    RETURN_NAMES = ("score_table", "report", "mean_similarity")
+    OUTPUT_TOOLTIPS = (
+        "The scores as a picture: each image with its scored face boxed (green = same person), a close-up, "
+        "similarity and distances, and the means.",
+        "The report as a text table, JSON or CSV (text_format); names the model and the threshold used.",
+        "Mean identity similarity over the images in which a face was found (0 when none was).",
+    )
+    FUNCTION = "score"
+    CATEGORY = CATEGORY
+
+    def score(self, images, reference_images, backend="auto", reference_mode="mean", text_format="table",
+              prompts="", clip_weights="", clip_model="ViT-B-32", insightface_pack="antelopev2"):
+        core = _core()
+        from ..sefi_core import eval as ev
+
+        options = core.FaceMaskOptions(backend=backend, insightface_pack=insightface_pack,
+                                       insightface_roots=tuple(host.insightface_roots()),
+                                       device=str(host.torch_device()))
+        engine = _CachedBackend(_make_backend(core, options))
+        singles = core.split_batch(images)
+        refs = core.split_batch(reference_images)
+        prompt_list, note = None, ""
+        if str(prompts or "").strip():
+            prompt_list = ev.split_prompts(str(prompts), len(singles), source="prompts")
+            weights = _resolve_clip_weights(str(clip_weights or ""))
+            scorer, note = ev.load_clip_scorer(weights or None, str(clip_model).strip() or "ViT-B-32",
+                                               device=str(host.torch_device()))
+        else:
+            scorer = None
+            note = "no prompts given"
+
+        bar = host.progress_bar(len(singles) + len(refs))
+        report = ev.evaluate(singles, refs, backend=engine, prompts=prompt_list, scorer=scorer,
+                             reference_mode=reference_mode, prompt_note=note,
+                             progress=lambda done, total: bar.update_absolute(done, total))
+        picture = ev.render_report(report, singles, refs)
+        text = {"table": report.to_table, "json": report.to_json, "csv": report.to_csv}[text_format]()
+        mean = report.mean_similarity
+        log.info("SeFi Identity Score (%s): mean similarity %s over %d/%d faces", report.model,
+                 "-" if mean is None else f"{mean:.3f}", len(report.scored), len(report.images))
+        table = torch.from_numpy(picture.astype(np.float32) / 255.0)[None]
+        return table, text, float(mean) if mean is not None else 0.0
+
+
+NODE_CLASS_MAPPINGS = {"SeFiIdentityScore": SeFiIdentityScore}
+NODE_DISPLAY_NAME_MAPPINGS = {"SeFiIdentityScore": "SeFi Identity Score"}

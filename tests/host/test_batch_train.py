@@ -1,0 +1,147 @@
+"""tools.batch_train against real ComfyUI servers: three people built from ../shared/faces (one has only a
+noise image), two servers on free ports fed from one queue, 2 steps at 64 px on the tiny SD1.5 checkpoint.
+The first run trains 2 and reports 1; the second run (on a host the CLI starts itself) skips the 2."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tools import batch_train, comfy_client, embedded_host
+
+pytest.importorskip("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")
+
+FAST = ["--steps", "2", "--resolution", "64", "--set", "parametrisation=direct tokens", "--set", "stages=1",
+        "--face-backend", "dlib"]
+
+
+@pytest.fixture
+def people(tmp_path, faces_dir):
+    root = tmp_path / "people"
+    for person, photos in {"obama": ["obama_1.jpg", "obama_2.jpg"], "biden": ["biden_1.jpg"]}.items():
+        (root / person).mkdir(parents=True)
+        for name in photos:
+            shutil.copy(faces_dir / name, root / person / name)
+    (root / "nobody").mkdir()
+    noise = (np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)
+    Image.fromarray(noise).save(root / "nobody" / "noise.png")
+    return root
+
+
+@pytest.fixture
+def two_servers(tmp_path, tiny_sd15):
+    """Two servers whose models/sefi_identities is one shared folder (the 'shared disk' set-up)."""
+    out = tmp_path / "identities"
+    out.mkdir()
+    servers = []
+    try:
+        for i in range(2):
+            base = tmp_path / f"server{i}"
+            (base / "models" / "checkpoints").mkdir(parents=True)
+            (base / "models" / "checkpoints" / tiny_sd15.name).symlink_to(tiny_sd15)
+            (base / "models" / "sefi_identities").symlink_to(out, target_is_directory=True)
+            port = comfy_client.free_port()
+            log = open(base / "server.log", "wb")
+            proc = subprocess.Popen(embedded_host.server_command(base, port), cwd=embedded_host.REPO_ROOT,
+                                    stdout=log, stderr=subprocess.STDOUT)
+            servers.append((proc, f"http://127.0.0.1:{port}", base, log))
+        for proc, url, base, _ in servers:
+            try:
+                comfy_client.wait_until_ready(proc, url)
+            except RuntimeError as err:
+                pytest.fail(f"{err}\n{(base / 'server.log').read_text(errors='replace')[-4000:]}")
+        yield out, [s[1] for s in servers], [s[2] for s in servers]
+    finally:
+        for proc, _, _, log in servers:
+            comfy_client.stop(proc)
+            log.close()
+
+
+ROW = re.compile(r"^(\S+)\s+(trained|skipped|failed)\s+([\d.]+)\s+(server \d+|-)\s*(.*)$")
+
+
+def _rows(text: str) -> dict[str, tuple[str, ...]]:
+    """The summary table: person -> (person, status, seconds, server, message)."""
+    return {m.group(1): m.groups() for m in map(ROW.match, text.splitlines()) if m}
+
+
+def test_two_servers_train_two_report_one_then_skip(people, two_servers, tiny_sd15, capsys):
+    out, urls, bases = two_servers
+    rc = batch_train.main([str(people), "--out", str(out), "--server", *urls, "--checkpoint", tiny_sd15.name, *FAST])
+    text = capsys.readouterr().out
+    print(text)
+    rows = _rows(text)
+    assert rc == batch_train.EXIT_FAILED, text
+    assert rows["obama"][1] == rows["biden"][1] == "trained", text
+    assert rows["nobody"][1] == "failed" and "no face found in photo noise.png" in rows["nobody"][4], text
+    assert "2 trained, 0 skipped, 1 failed" in text
+    assert {row[3] for row in rows.values()} == {"server 1", "server 2"}, text  # one queue fed both servers
+    from sefi_core.identity import load_identity
+    for person in ("obama", "biden"):
+        identity = load_identity(out / f"{person}.safetensors")
+        assert identity.training["steps_done"] == 2 and identity.trigger == "sks"
+    assert not (out / "nobody.safetensors").exists()
+    # the photos went through the upload API into each server's own input folder, not through a shared disk
+    uploaded = {p.parent.name for b in bases for p in (b / "input" / batch_train.UPLOAD_FOLDER).rglob("*.*")}
+    assert uploaded == {"obama", "biden", "nobody"}
+
+    # second run, default mode: the CLI starts the embedded host itself (models/sefi_identities -> --out)
+    rc = batch_train.main([str(people), "--out", str(out), "--checkpoint", str(tiny_sd15), *FAST])
+    text = capsys.readouterr().out
+    print(text)
+    rows = _rows(text)
+    assert rc == batch_train.EXIT_FAILED, text
+    assert rows["obama"][1] == rows["biden"][1] == "skipped" and rows["nobody"][1] == "failed", text
+    assert "starting local ComfyUI 1/1" in text and "0 trained, 2 skipped, 1 failed" in text
+
+
+def test_settled_without_a_server(tmp_path, people, capsys):
+    """Everything valid is skipped and a broken photo fails before any server is started."""
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.rmtree(people / "nobody")
+    (people / "broken").mkdir()
+    (people / "broken" / "x.jpg").write_bytes(b"not a jpeg")
+    (people / "empty").mkdir()
+    (out / "biden.safetensors").write_bytes(b"junk")  # invalid: must be trained again, not skipped
+    valid, note = batch_train.existing_identity(out, "biden")
+    assert not valid and "not valid" in note
+    problems = {p.name: batch_train.check_photos(p) for p in batch_train.find_people(people)}
+    assert "x.jpg is not a readable image" in problems["broken"] and "no photos" in problems["empty"]
+    assert problems["obama"] == problems["biden"] == ""
+    rc = batch_train.main([str(people), "--out", str(out), "--server", "http://127.0.0.1:9", "--checkpoint",
+                           "x.safetensors", *FAST])
+    captured = capsys.readouterr()
+    assert rc == batch_train.EXIT_NO_SERVER and "does not answer" in captured.out + captured.err
+    rows = _rows(captured.out)
+    assert rows["broken"][1] == rows["empty"][1] == rows["obama"][1] == "failed"
+
+
+def test_graph_shape_and_usage_errors(tmp_path, capsys):
+    train_info = {"input": {"required": {"model": ["MODEL"], "images": ["IMAGE"], "steps": ["INT", {"default": 600}],
+                                         "attention_loss": [["reference", "mask", "off"]]},
+                            "optional": {"mask": ["MASK"]}}}
+    mask_info = {"input": {"required": {"image": ["IMAGE"], "crop_size": ["INT", {"default": 512}],
+                                        "backend": ["COMBO", {"options": ["auto", "dlib"]}]}}}
+    graph, owners = batch_train.build_graph("ann", ["a/0.png", "a/1.png", "a/2.png"], "m.safetensors", train_info,
+                                            mask_info, {"steps": 2}, "dlib", 64)
+    kinds = [n["class_type"] for n in graph.values()]
+    assert kinds.count("LoadImage") == 3 and kinds.count("SeFiFaceMask") == 3 and kinds.count("ImageBatch") == 2
+    train = next(n for n in graph.values() if n["class_type"] == "SeFiTrainIdentity")["inputs"]
+    assert train["steps"] == 2 and train["attention_loss"] == "reference" and train["name"] == "ann"
+    assert train["overwrite"] is True and "mask" not in train
+    assert sorted(set(owners.values())) == [0, 1, 2]
+    graph, _ = batch_train.build_graph("ann", ["a/0.png"], "m", train_info, mask_info,
+                                       {"attention_loss": "mask"}, "dlib", 64)
+    train = next(n for n in graph.values() if n["class_type"] == "SeFiTrainIdentity")["inputs"]
+    assert graph[train["mask"][0]]["class_type"] == "SeFiFaceMask" and train["images"] == ["3", 1]
+    assert batch_train.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--server", "http://x",
+                             "--checkpoint", "m"]) == batch_train.EXIT_USAGE
+    assert "is not a folder" in capsys.readouterr().err
+    (tmp_path / "p" / "a").mkdir(parents=True)
+    assert batch_train.main([str(tmp_path / "p"), "--out", str(tmp_path / "o"), "--server", "http://x"]) == 2
+    assert "--checkpoint NAME is needed" in capsys.readouterr().err
