@@ -16,8 +16,8 @@ import torch
 
 from . import host
 from .identity import CATEGORY, IDENTITY
-from .training_host import (SefiStep, TextEncoder, fit_image, fit_mask, peak_memory_bytes, reset_peak_memory,
-                            training_context)
+from .training_host import (DTYPE_NAMES, PRECISION_CHOICES, SefiStep, TextEncoder, fit_image, fit_mask,
+                            peak_memory_bytes, reset_peak_memory, training_context)
 from ..sefi_core.generator import build_generator, rebuild_generator
 from ..sefi_core.identity import Identity, hash_array, save_identity
 from ..sefi_core.plot import render_loss_curve
@@ -82,8 +82,9 @@ def _image_list(images) -> list[torch.Tensor]:
 
 class SeFiTrainIdentity:
     DESCRIPTION = ("Train a SeFi identity (per-stage key/value tokens) from one or more face photos, with the "
-                   "frozen model, CLIP and VAE of an SD1.5 checkpoint. Saves models/sefi_identities/<name>."
-                   "safetensors plus resumable checkpoints; Cancel saves a checkpoint you can resume from.")
+                   "frozen model, CLIP and VAE of an SD1.5 or SDXL checkpoint (SDXL trains clip_l and clip_g "
+                   "tokens together). Saves models/sefi_identities/<name>.safetensors plus resumable "
+                   "checkpoints; Cancel saves a checkpoint you can resume from.")
     INPUT_IS_LIST = True  # so photos of different sizes can come in as a list
 
     @classmethod
@@ -139,6 +140,13 @@ class SeFiTrainIdentity:
                                            "(empty = start fresh)."}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing identity file of "
                                           "the same name."}),
+                "precision": (list(PRECISION_CHOICES), {"default": "auto", "tooltip": "Compute dtype of the "
+                              "frozen U-Net (its weight copy and autocast): auto = fp32 on CPU, else the loaded "
+                              "model's dtype (fp16 becomes bf16 where supported). The trained tokens always stay "
+                              "fp32; CLIP runs in fp32."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute each U-Net "
+                                           "block in the backward pass instead of keeping its activations: trades "
+                                           "compute (~30% slower) for memory on large models/GPUs. Same result."}),
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": "Face mask(s) matching the photos (e.g. from SeFi Face Mask); for "
@@ -159,15 +167,16 @@ class SeFiTrainIdentity:
               kv_split=True, attention_loss="reference", attention_weight=0.003, loss_sites="quarter",
               masked_diffusion_loss=False, prompt_templates="a photo of the face of {}", flip_augmentation=True,
               scale_augmentation=False, seed=0, resolution=512, batch_size=1, checkpoint_every=100,
-              resume_from="", overwrite=False, mask=None):
+              resume_from="", overwrite=False, precision="auto", gradient_checkpointing=False, mask=None):
         model, clip, vae = _one(model), _one(clip), _one(vae)
         (name, trigger, initializer, steps, learning_rate, stages, vectors_per_token, parametrisation, kv_split,
          attention_loss, attention_weight, loss_sites, masked_diffusion_loss, prompt_templates,
          flip_augmentation, scale_augmentation, seed, resolution, batch_size, checkpoint_every, resume_from,
-         overwrite) = map(_one, (name, trigger, initializer, steps, learning_rate, stages, vectors_per_token,
-                                 parametrisation, kv_split, attention_loss, attention_weight, loss_sites,
-                                 masked_diffusion_loss, prompt_templates, flip_augmentation, scale_augmentation,
-                                 seed, resolution, batch_size, checkpoint_every, resume_from, overwrite))
+         overwrite, precision, gradient_checkpointing) = map(
+            _one, (name, trigger, initializer, steps, learning_rate, stages, vectors_per_token, parametrisation,
+                   kv_split, attention_loss, attention_weight, loss_sites, masked_diffusion_loss, prompt_templates,
+                   flip_augmentation, scale_augmentation, seed, resolution, batch_size, checkpoint_every,
+                   resume_from, overwrite, precision, gradient_checkpointing))
         name = check_name(name)
         out_path = identity_dir() / f"{name}.safetensors"
         if out_path.exists() and not overwrite:
@@ -183,7 +192,7 @@ class SeFiTrainIdentity:
             attention_weight=float(attention_weight), loss_sites=loss_sites,
             masked_diffusion=bool(masked_diffusion_loss), templates=templates, reference_word="person",
             flip=bool(flip_augmentation), scale_augment=bool(scale_augmentation), resolution=int(resolution),
-            precision="fp32" if host.torch_device().type == "cpu" else "bf16")
+            precision="fp32")  # the resolved dtype's name is filled in once the model is loaded
         ckpt_path = checkpoint_dir() / f"{name}{CHECKPOINT_SUFFIX}"
         resume_path = resolve_checkpoint(resume_from) if str(resume_from).strip() else None
 
@@ -201,7 +210,10 @@ class SeFiTrainIdentity:
             masks = torch.cat([fit_mask(m.float().cpu(), settings.resolution) for m in mlist])
 
         device = host.torch_device()
-        with training_context(model, clip) as dtype:
+        if precision not in PRECISION_CHOICES:
+            raise ValueError(f"precision must be one of {list(PRECISION_CHOICES)}, got {precision!r}")
+        with training_context(model, clip, precision) as dtype:
+            settings.precision = DTYPE_NAMES[dtype]
             reset_peak_memory(device)
             # loaded here, outside inference mode, so the Adam state is made of ordinary tensors
             start_state = load_train_state(resume_path) if resume_path is not None else None
@@ -210,12 +222,16 @@ class SeFiTrainIdentity:
             step_fn = SefiStep(model, clip, vae, pixels, masks, settings, trigger, int(vectors_per_token), encoder)
             if start_state is not None:
                 generator = rebuild_generator(start_state.generator_config)
+                if sorted(generator.encoders) != sorted(encoder.encoders):
+                    raise ValueError(f"checkpoint {resume_path} was trained for encoders {generator.encoders}, "
+                                     f"this checkpoint's CLIP has {list(encoder.encoders)}")
             else:
-                generator = build_generator(kind, {"clip_l": encoder.initializer_embedding(initializer)},
+                generator = build_generator(kind, encoder.initializer_embeddings(initializer),
                                             stages=int(stages), vectors_per_token=int(vectors_per_token),
                                             kv_split=bool(kv_split), seed=int(seed))
             generator.to(model.load_device)
-            result = self._run(generator, step_fn, settings, start_state, ckpt_path, name)
+            with step_fn.unet.checkpointing(bool(gradient_checkpointing)):
+                result = self._run(generator, step_fn, settings, start_state, ckpt_path, name)
             peak = peak_memory_bytes(device)
             generator.eval()
             with torch.no_grad():
@@ -226,8 +242,8 @@ class SeFiTrainIdentity:
         training.update(parametrisation=kind, generator=generator.config(), steps_done=result.steps_done,
                         final_loss=result.loss_history[-1] if result.loss_history else None,
                         peak_memory_bytes=peak, device=str(device), host=host.DISTRIBUTION,
-                        initializer=initializer)
-        identity = Identity("sd1", tokens, trigger, initializer, training, tuple(image_hashes))
+                        initializer=initializer, gradient_checkpointing=bool(gradient_checkpointing))
+        identity = Identity(encoder.family, tokens, trigger, initializer, training, tuple(image_hashes))
         if out_path.exists() and not overwrite:
             raise FileExistsError(f"an identity named '{name}' appeared while training ({out_path}); the "
                                   f"checkpoint {ckpt_path} holds the result; resume it under another name")

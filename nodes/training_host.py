@@ -24,6 +24,7 @@ import inspect
 import math
 import re
 import resource
+import types
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Sequence
@@ -31,6 +32,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from . import host
 from .prompt_encoding import clip_family, plan_prompt, word_token_ids
@@ -38,12 +41,13 @@ from ..sefi_core import attention as attn_core
 from ..sefi_core import losses
 from ..sefi_core.augment import random_scale
 from ..sefi_core.stages import stage_of_timestep
-from ..sefi_core.tokens import find_positions
+from ..sefi_core.identity import FAMILY_ENCODERS
+from ..sefi_core.tokens import ENCODER_TOKEN_KEYS, find_positions
 from ..sefi_core.training import TrainSettings
 
-SDXL_MESSAGE = ("SeFi Train Identity supports SD1.x checkpoints only in this version; SDXL training (clip_l + "
-                "clip_g tokens, 2048-d context, pooled adm input) is not implemented yet. Train on an SD1.5 "
-                "checkpoint.")
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in PRECISION_DTYPES.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -131,13 +135,46 @@ def safe_inplace_residuals(root: nn.Module):
                 mod.forward = previous
 
 
-def compute_dtype(model) -> torch.dtype:
-    """float32 on CPU; the model's (manual-cast) dtype on an accelerator."""
+def compute_dtype(model, precision: str = "auto") -> torch.dtype:
+    """The dtype the frozen U-Net copy is stored and run in.
+
+    "fp32" / "bf16" / "fp16" as asked; "auto" = float32 on CPU, else the loaded model's own compute dtype (its
+    manual-cast dtype, or its storage dtype), with fp16 replaced by bf16 where the device supports bf16 (fp16
+    gradients through a frozen U-Net underflow more easily; bf16 has fp32's range)."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision must be one of {list(PRECISION_CHOICES)}, got {precision!r}")
+    if precision != "auto":
+        return PRECISION_DTYPES[precision]
     device = model.load_device
     if getattr(device, "type", str(device)) == "cpu":
         return torch.float32
     inner = model.model
-    return getattr(inner, "manual_cast_dtype", None) or inner.get_dtype()
+    dtype = getattr(inner, "manual_cast_dtype", None) or inner.get_dtype()
+    if dtype == torch.float16 and getattr(device, "type", "") == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return dtype if dtype in DTYPE_NAMES else torch.float32
+
+
+@contextlib.contextmanager
+def unet_compute_dtype(model, dtype: torch.dtype):
+    """Make the host's apply_model cast its inputs to `dtype` (the dtype of the frozen copies) for the duration:
+    the U-Net's `dtype` attribute and, where the model manual-casts, its manual-cast dtype; restored on exit."""
+    inner = model.model
+    unet = inner.diffusion_model
+    had_dtype, old_dtype = "dtype" in unet.__dict__, unet.__dict__.get("dtype")
+    old_cast = getattr(inner, "manual_cast_dtype", None)
+    try:
+        unet.dtype = dtype
+        if old_cast is not None:
+            inner.manual_cast_dtype = dtype
+        yield
+    finally:
+        if had_dtype:
+            unet.dtype = old_dtype
+        else:
+            unet.__dict__.pop("dtype", None)
+        if old_cast is not None:
+            inner.manual_cast_dtype = old_cast
 
 
 def peak_memory_bytes(device) -> int:
@@ -152,21 +189,23 @@ def reset_peak_memory(device) -> None:
 
 
 @contextlib.contextmanager
-def training_context(model, clip):
+def training_context(model, clip, precision: str = "auto"):
     """Everything needed for gradients through the host's frozen models, undone on exit: grad mode on outside
-    inference mode, weights loaded, ordinary-tensor parameter copies, safe in-place residuals."""
+    inference mode, weights loaded, ordinary-tensor parameter copies (U-Net in the compute dtype of `precision`,
+    CLIP in float32), safe in-place residuals. Yields the U-Net compute dtype."""
     with torch.inference_mode(False), torch.enable_grad():
         host.load_for_training(model, clip)
-        dtype = compute_dtype(model)
+        dtype = compute_dtype(model, precision)
         unet = model.model.diffusion_model
         text = clip.cond_stage_model
         clip_dtype = torch.float32  # the host's CLIP computes in float32 from fp16 storage on every device
-        with frozen_copies([unet], dtype), frozen_copies([text], clip_dtype), safe_inplace_residuals(unet):
+        with frozen_copies([unet], dtype), frozen_copies([text], clip_dtype), safe_inplace_residuals(unet), \
+                unet_compute_dtype(model, dtype):
             yield dtype
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Text encoding with gradient (SD1 clip_l)
+# Text encoding with gradient (SD1: clip_l; SDXL: clip_l + clip_g)
 # --------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -177,70 +216,42 @@ class _Trigger:  # the duck-typed stand-in plan_prompt needs (trigger, vectors_p
 
 @dataclass(frozen=True)
 class PromptTokens:
-    ids: list[int]            # 77 token ids of the rewritten prompt (placeholders in place)
+    ids: list[int]            # 77 token ids of the rewritten prompt (placeholders in place), clip_l's tokenizer
     slots: list[int]          # positions of the identity vectors 0..n-1, in order
     eos: int                  # position of the first end token
+    by_encoder: dict = None   # encoder name → (ids, slots) for every encoder of the family (SDXL: clip_g too)
 
 
-class TextEncoder:
-    """The host's SD1 CLIP-L run by hand so that spliced vectors get gradients, on both hosts.
+class _ClipRunner:
+    """One of the host's CLIP text encoders (an SDClipModel) run by hand.
 
     token_embedding(ids) with the identity positions replaced (index_put, out-of-place) + position embedding →
-    the encoder layers up to the layer the host's SDClipModel would use (`layer`/`layer_idx`, honouring the
-    CLIP's CLIPSetLastLayer setting) → final_layer_norm (if `layer_norm_hidden_state`), with a causal mask and
-    out-of-place residuals. Equal to `clip.encode_from_tokens` for the same spliced tokens (tested)."""
+    the encoder layers up to the layer the host's SDClipModel would use (`layer`/`layer_idx` of the model's own
+    configuration, honouring CLIPSetLastLayer) → final_layer_norm (if `layer_norm_hidden_state`), with a causal
+    mask and out-of-place residuals."""
 
-    def __init__(self, clip):
-        family = clip_family(clip)
-        if family != "sd1":
-            raise NotImplementedError(SDXL_MESSAGE)
-        self.clip = clip
-        self.enc = clip.cond_stage_model.clip_l
-        if getattr(self.enc, "enable_attention_masks", False) or getattr(self.enc, "zero_out_masked", False):
-            raise NotImplementedError("this CLIP uses attention masks; SeFi training supports standard SD1 CLIP-L")
-        self.tm = self.enc.transformer.text_model
-        layer, idx = self.enc.options_default[0], self.enc.options_default[1]
-        if getattr(clip, "layer_idx", None) is not None:
+    def __init__(self, clip, enc, key: str):
+        if getattr(enc, "enable_attention_masks", False) or getattr(enc, "zero_out_masked", False):
+            raise NotImplementedError("this CLIP uses attention masks; SeFi training supports the standard SD1/SDXL "
+                                      "CLIP-L/CLIP-G text encoders")
+        self.enc, self.key = enc, key
+        self.tm = enc.transformer.text_model
+        layer, idx = enc.options_default[0], enc.options_default[1]
+        if getattr(clip, "layer_idx", None) is not None:  # CLIPSetLastLayer: set_clip_options({"layer": idx})
             idx = clip.layer_idx
-            layer = "last" if abs(idx) > self.enc.num_layers else "hidden"
+            layer = "last" if abs(idx) > enc.num_layers else "hidden"
         if layer not in ("last", "hidden"):
             raise NotImplementedError(f"CLIP layer mode {layer!r} is not supported for training")
         n_layers = len(self.tm.encoder.layers)
         self.stop = n_layers - 1 if layer == "last" else (idx if idx >= 0 else n_layers + idx)
-        self.final_norm = layer == "last" or bool(self.enc.layer_norm_hidden_state)
-        self.end_token = clip.tokenize("")["l"][0][1][0]
+        self.final_norm = layer == "last" or bool(enc.layer_norm_hidden_state)
+        self.end_token = clip.tokenize("")[key][0][1][0]
 
     @property
     def width(self) -> int:
         return int(self.tm.embeddings.token_embedding.weight.shape[1])
 
-    def initializer_embedding(self, word: str) -> Tensor:
-        ids = word_token_ids(self.clip, word, "l")
-        if not ids:
-            raise ValueError(f"the initializer word {word!r} gives no tokens; use a plain word such as 'person'")
-        weight = self.tm.embeddings.token_embedding.weight
-        return weight.detach()[torch.tensor(ids, device=weight.device)].float().cpu().clone()
-
-    def prompt(self, template: str, trigger: str, n: int) -> PromptTokens:
-        plan = plan_prompt(self.clip, template.replace("{}", trigger), [_Trigger(trigger, n)], 1.0)
-        chunks = plan.tokens["l"]
-        if len(chunks) != 1:
-            raise ValueError(f"training prompt {template!r} is longer than one 77-token chunk; shorten it")
-        slots = find_positions(chunks, {plan.placeholder_ids[0]: n})[plan.placeholder_ids[0]]
-        ids = [int(t) for t, *_ in chunks[0]]
-        return PromptTokens(ids, [s.index for s in sorted(slots, key=lambda s: (s.index))], self._eos(ids))
-
-    def plain(self, text: str) -> list[int]:
-        chunks = self.clip.tokenize(text)["l"]
-        if len(chunks) != 1:
-            raise ValueError(f"prompt {text!r} is longer than one 77-token chunk")
-        return [int(t) for t, *_ in chunks[0]]
-
-    def _eos(self, ids: Sequence[int]) -> int:
-        return next(i for i in range(1, len(ids)) if ids[i] == self.end_token)
-
-    def encode(self, ids: Tensor, slots: Sequence[int] | None = None, vectors: Tensor | None = None) -> Tensor:
-        """ids [B, 77] long; vectors [B, n, C] for positions `slots` (n of them) → cond [B, 77, C] float32."""
+    def run(self, ids: Tensor, slots: Sequence[int] | None = None, vectors: Tensor | None = None) -> Tensor:
         weight = self.tm.embeddings.token_embedding.weight
         device = weight.device
         ids = ids.to(device)
@@ -262,6 +273,80 @@ class TextEncoder:
         if self.final_norm:
             x = self.tm.final_layer_norm(x)
         return x.float()
+
+
+class TextEncoder:
+    """The host's CLIP run by hand so that spliced vectors get gradients, on both hosts.
+
+    SD1: clip_l alone. SDXL: clip_l and clip_g each run by hand with its own configuration (both read hidden layer
+    -2 without the final norm in the stock SDXLClipModel) and concatenated [clip_l | clip_g] → [B, 77, 2048], as
+    SDXLClipModel.encode_token_weights does. Equal to `clip.encode_from_tokens` for the same spliced tokens
+    (tested for both families)."""
+
+    def __init__(self, clip):
+        self.family = clip_family(clip)
+        self.clip = clip
+        self.encoders: tuple[str, ...] = tuple(FAMILY_ENCODERS[self.family])
+        csm = clip.cond_stage_model
+        self.runners = {name: _ClipRunner(clip, getattr(csm, name), ENCODER_TOKEN_KEYS[name])
+                        for name in self.encoders}
+        first = self.runners["clip_l"]
+        self.enc, self.tm, self.end_token = first.enc, first.tm, first.end_token
+
+    @property
+    def width(self) -> int:
+        """Width of the concatenated context (768 for SD1, 2048 for SDXL)."""
+        return sum(r.width for r in self.runners.values())
+
+    def initializer_embedding(self, word: str, encoder: str = "clip_l") -> Tensor:
+        runner = self.runners[encoder]
+        ids = word_token_ids(self.clip, word, runner.key)
+        if not ids:
+            raise ValueError(f"the initializer word {word!r} gives no tokens; use a plain word such as 'person'")
+        weight = runner.tm.embeddings.token_embedding.weight
+        return weight.detach()[torch.tensor(ids, device=weight.device)].float().cpu().clone()
+
+    def initializer_embeddings(self, word: str) -> dict[str, Tensor]:
+        """{encoder: [k, C]} for every encoder of the family (what build_generator takes)."""
+        return {name: self.initializer_embedding(word, name) for name in self.encoders}
+
+    def prompt(self, template: str, trigger: str, n: int) -> PromptTokens:
+        plan = plan_prompt(self.clip, template.replace("{}", trigger), [_Trigger(trigger, n)], 1.0)
+        pid = plan.placeholder_ids[0]
+        by_encoder = {}
+        for name, runner in self.runners.items():
+            chunks = plan.tokens[runner.key]
+            if len(chunks) != 1:
+                raise ValueError(f"training prompt {template!r} is longer than one 77-token chunk; shorten it")
+            slots = find_positions(chunks, {pid: n})[pid]
+            by_encoder[name] = ([int(t) for t, *_ in chunks[0]], [s.index for s in sorted(slots, key=lambda s: s.index)])
+        ids, slots = by_encoder["clip_l"]
+        return PromptTokens(ids, slots, self._eos(ids), by_encoder)
+
+    def plain(self, text: str) -> list[int]:
+        chunks = self.clip.tokenize(text)["l"]
+        if len(chunks) != 1:
+            raise ValueError(f"prompt {text!r} is longer than one 77-token chunk")
+        return [int(t) for t, *_ in chunks[0]]
+
+    def _eos(self, ids: Sequence[int]) -> int:
+        return next(i for i in range(1, len(ids)) if ids[i] == self.end_token)
+
+    def encode(self, ids: Tensor, slots: Sequence[int] | None = None, vectors: Tensor | None = None,
+               encoder: str = "clip_l") -> Tensor:
+        """One encoder: ids [B, 77] long; vectors [B, n, C] for positions `slots` → [B, 77, C] float32."""
+        return self.runners[encoder].run(ids, slots, vectors)
+
+    def encode_prompt(self, prompt: PromptTokens, vectors: dict[str, Tensor]) -> Tensor:
+        """The prompt with vectors[encoder] ([B, n, C_enc]) at its identity slots in every encoder → the model's
+        context [B, 77, ΣC] (SDXL: [clip_l | clip_g]). All B rows go through each encoder in one forward."""
+        outs = []
+        for name, runner in self.runners.items():
+            ids, slots = prompt.by_encoder[name]
+            vec = vectors[name]
+            batch = torch.tensor(ids, dtype=torch.long)[None].expand(vec.shape[0], -1)
+            outs.append(runner.run(batch, slots, vec))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
 
 
 def align_columns(target: PromptTokens, reference: Sequence[int], ref_slots: Sequence[int], mode: str,
@@ -306,11 +391,14 @@ class UnetStep:
     encoding is appended to both) and an attn2 replace at each loss site that computes the identity columns'
     probabilities and the same-Q reference probabilities (detached). The caller's MODEL is never patched."""
 
-    def __init__(self, model, latent_hw: tuple[int, int], loss_sites: str, context_dim: int):
+    def __init__(self, model, latent_hw: tuple[int, int], loss_sites: str, context_dim: int,
+                 adm: Tensor | None = None):
         self.model = model
         self.clone = model.clone()
         self.latent_hw = latent_hw
-        self.st = SimpleNamespace(values=None, ref=None, tcols=None, rcols=None, records=[], spy=None)
+        self.adm = adm  # SDXL: the U-Net's `y` input [1, adm_channels] (pooled clip_g + size embeddings)
+        self.st = SimpleNamespace(values=None, ref=None, tcols=None, rcols=None, records=[], spy=None,
+                                  recording=True)
         self.clone.set_model_attn2_patch(self._patch)
         self.sites = self._discover(context_dim)
         self.loss_keys = select_sites(self.sites, latent_hw, loss_sites)
@@ -326,7 +414,7 @@ class UnetStep:
                 ms = self.model.get_model_object("model_sampling")
                 x = torch.zeros(1, 4, *self.latent_hw)
                 sigma = ms.sigmas.detach().cpu()[500:501].clone()
-                self.forward(x, sigma, torch.zeros(1, 77, context_dim), None)
+                self.forward(x, sigma, torch.zeros(1, 77, context_dim), None, y=self.adm)
         finally:
             self.st.spy = None
         if not found:
@@ -354,11 +442,12 @@ class UnetStep:
             return _sdpa(q, k, v, heads)
         out, probs = attn_core.attention_with_probs(q, k[:, :t], v[:, :t], heads, st.tcols)
         ref = attn_core.reference_probs(q, k[:, t:], heads, st.rcols) if st.rcols is not None else None
-        st.records.append((eo["block"][0], eo["block"][1], eo.get("block_index", 0), probs, ref))
+        if st.recording:  # off while gradient checkpointing recomputes a block (the first pass recorded it)
+            st.records.append((eo["block"][0], eo["block"][1], eo.get("block_index", 0), probs, ref))
         return out
 
     def forward(self, x_t: Tensor, sigma: Tensor, c_k: Tensor, c_v: Tensor | None, ref: Tensor | None = None,
-                tcols=None, rcols=None):
+                tcols=None, rcols=None, y: Tensor | None = None):
         st = self.st
         st.values, st.ref, st.tcols, st.rcols, st.records = c_v, ref, tcols, rcols, []
         device = self.model.load_device
@@ -366,13 +455,91 @@ class UnetStep:
         sigma = sigma.to(device)
         to["cond_or_uncond"] = [0]
         to["sigmas"] = sigma
+        extra = {} if y is None else {"y": y.to(device).expand(x_t.shape[0], -1)}
+        dtype = self.model.model.get_dtype()
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
         try:
-            out = self.clone.model.apply_model(x_t.to(device), sigma, c_crossattn=c_k.to(device),
-                                               transformer_options=to)
+            with autocast:
+                out = self.clone.model.apply_model(x_t.to(device), sigma, c_crossattn=c_k.to(device),
+                                                   transformer_options=to, **extra)
             return out, list(st.records)
         finally:
             st.values = st.ref = None
             st.records = []
+
+
+    @contextlib.contextmanager
+    def checkpointing(self, enabled: bool = True):
+        """Gradient checkpointing for the duration: every transformer block and res block of the U-Net runs under
+        torch.utils.checkpoint (non-reentrant), so its activations are recomputed in backward instead of kept.
+
+        The recomputation runs after `forward` returned, so each wrapped call snapshots this step's K/V/reference
+        state and restores it (with attention recording off, so the loss maps are not recorded twice) while the
+        block is recomputed. Blocks whose host forward adds residuals in place (0.0.1) run both passes under
+        `_OutOfPlaceAdds` (same arithmetic, new tensors), because a recomputation would otherwise overwrite the
+        tensors it just saved. Instance attributes are restored on exit (as in safe_inplace_residuals)."""
+        wrapped: list[tuple[nn.Module, object]] = []
+        st = self.st
+        try:
+            if enabled:
+                for mod in self.model.model.diffusion_model.modules():
+                    if type(mod).__name__ not in _CHECKPOINT_CLASSES:
+                        continue
+                    previous = mod.__dict__.get("forward")
+                    inplace = _adds_residual_in_place(type(mod))
+                    base = types.MethodType(type(mod).forward, mod) if inplace else mod.forward
+                    mod.forward = _checkpointed(base, mod.forward, inplace, st)
+                    wrapped.append((mod, previous))
+            yield len(wrapped)
+        finally:
+            for mod, previous in reversed(wrapped):
+                if previous is None:
+                    del mod.forward
+                else:
+                    mod.forward = previous
+
+
+_CHECKPOINT_CLASSES = frozenset({"BasicTransformerBlock", "ResBlock"})
+
+
+class _OutOfPlaceAdds(TorchFunctionMode):
+    """`x += n` / `x.add_(n)` become `x = x + n` (for recomputed blocks whose host code adds in place)."""
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is Tensor.__iadd__ or func is Tensor.add_:
+            return torch.add(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _checkpointed(base, plain, inplace: bool, st):
+    def call(a, k):
+        if inplace:
+            with _OutOfPlaceAdds():
+                return base(*a, **k)
+        return base(*a, **k)
+
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return plain(*args, **kwargs)
+        snapshot = (st.values, st.ref, st.tcols, st.rcols)
+        calls = [0]
+
+        def run(*a, **k):
+            calls[0] += 1
+            if calls[0] == 1:
+                return call(a, k)
+            live = (st.values, st.ref, st.tcols, st.rcols, st.recording)
+            st.values, st.ref, st.tcols, st.rcols = snapshot
+            st.recording = False
+            try:
+                return call(a, k)
+            finally:
+                st.values, st.ref, st.tcols, st.rcols, st.recording = live
+
+        return _checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    return forward
 
 
 def select_sites(sites: dict[tuple, int], latent_hw: tuple[int, int], mode: str) -> list[tuple]:
@@ -413,6 +580,19 @@ def fit_mask(mask: Tensor, resolution: int) -> Tensor:
     return fit_image(m[..., None], resolution)[..., 0].clamp(0, 1)
 
 
+def adm_input(model, pooled: Tensor | None, resolution: int) -> Tensor | None:
+    """The U-Net's `y` for models with an adm input (SDXL: pooled clip_g output + size embeddings), built by the
+    model's own encode_adm with the arguments the host's sampler passes for a square, uncropped image of
+    `resolution` pixels; None for models without one (SD1)."""
+    inner = model.model
+    if pooled is None and not getattr(inner, "adm_channels", 0):
+        return None
+    y = inner.encode_adm(pooled_output=pooled, width=resolution, height=resolution, crop_w=0, crop_h=0,
+                         target_width=resolution, target_height=resolution, prompt_type="positive",
+                         device=model.load_device, seed=0)
+    return None if y is None else y.detach().float().cpu().clone()
+
+
 def prediction_type(model_sampling) -> str:
     names = [c.__name__ for c in type(model_sampling).__mro__]
     for name in names:
@@ -448,6 +628,7 @@ class SefiStep:
         self.prompts = [self.text.prompt(t, trigger, vectors_per_token) for t in settings.templates]
         ref_texts = [t.replace("{}", settings.reference_word) for t in settings.templates]
         ref_word = word_token_ids(clip, settings.reference_word, "l")
+        self.encoders = self.text.encoders
         self.ref_ids = [self.text.plain(t) for t in ref_texts]
         self.columns = []
         self.id_columns = []
@@ -457,9 +638,13 @@ class SefiStep:
             eos_ref = self.text._eos(ids)
             self.columns.append(align_columns(p, ids, rslots, settings.attention_tokens, eos_ref))
             self.id_columns.append(align_columns(p, ids, rslots, "identity", eos_ref))
+        self.ref_conds, self.adm = [], []
         with torch.no_grad():
-            self.ref_conds = [clip.encode_from_tokens(clip.tokenize(t)).float().cpu().clone() for t in ref_texts]
-        self.unet = UnetStep(model, self.latent_hw, settings.loss_sites, self.ref_conds[0].shape[-1])
+            for t in ref_texts:
+                cond, pooled = clip.encode_from_tokens(clip.tokenize(t), return_pooled=True)
+                self.ref_conds.append(cond.float().cpu().clone())
+                self.adm.append(adm_input(model, pooled, res))
+        self.unet = UnetStep(model, self.latent_hw, settings.loss_sites, self.ref_conds[0].shape[-1], self.adm[0])
 
     # -- one sample set ------------------------------------------------------------------------------------
     def _draw(self, rng: torch.Generator, batch: int):
@@ -487,11 +672,9 @@ class SefiStep:
         b = x0.shape[0]
         stages = tokens["clip_l"].shape[0]
         stage = stage_of_timestep(t * (1000.0 / len(self.sigmas)), stages).long()
-        toks = tokens["clip_l"].float()
-        vec = torch.cat([toks[stage, 0], toks[stage, 1]], 0)  # [2B, n, C]
-        p = self.prompts[j]
-        ids = torch.tensor(p.ids, dtype=torch.long)[None].expand(2 * b, -1)
-        cond = self.text.encode(ids, p.slots, vec)
+        # K and V rows stacked into one batch: one CLIP forward per encoder gives both contexts
+        vec = {e: torch.cat([tokens[e].float()[stage, 0], tokens[e].float()[stage, 1]], 0) for e in self.encoders}
+        cond = self.text.encode_prompt(self.prompts[j], vec)  # [2B, 77, C]
         c_k, c_v = cond[:b], cond[b:]
         device = self.model.load_device
         sigma = self.sigmas[t].to(device)
@@ -500,7 +683,7 @@ class SefiStep:
         x_t = self.ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0d)
         ref = self.ref_conds[j].expand(b, -1, -1) if capture else None
         tcols, rcols = columns[j] if capture else (None, None)
-        denoised, records = self.unet.forward(x_t, sigma, c_k, c_v, ref, tcols, rcols)
+        denoised, records = self.unet.forward(x_t, sigma, c_k, c_v, ref, tcols, rcols, y=self.adm[j])
         denoised = denoised.float()
         eps_hat = losses.eps_from_denoised(x_t.float(), denoised, sigma)
         if self.kind == "eps":

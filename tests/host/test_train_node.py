@@ -224,3 +224,72 @@ def test_saved_identity_samples_through_server(host, sd15, pack, photo, trained_
     entry = server.client.run(graph, timeout=300)
     files = output_files(entry, server.output_dir)
     assert files and all(f.is_file() for f in files)
+
+
+def test_kv_encodes_batched_equal_separate(host, sd15, pack):
+    """K and V contexts come from one CLIP forward of batch 2; that equals two separate encodes."""
+    th = pack.glue("training_host")
+    model, clip, _ = sd15
+    g = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(1, 1, 768, generator=g) * 0.02 for _ in range(2))
+    with torch.inference_mode(), th.training_context(model, clip), torch.no_grad():
+        enc = th.TextEncoder(clip)
+        p = enc.prompt(TEMPLATE, "sks", 1)
+        both = enc.encode_prompt(p, {"clip_l": torch.cat([k, v])})
+        apart = torch.cat([enc.encode_prompt(p, {"clip_l": k}), enc.encode_prompt(p, {"clip_l": v})])
+    assert both.shape == (2, 77, 768)
+    torch.testing.assert_close(both, apart, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_same_loss_and_gradients(host, sd15, pack, photo):
+    """One step with the attention loss on: checkpointed blocks give the same loss and token gradients, record
+    each loss map once, and every module's forward is put back afterwards (also through the node)."""
+    th = pack.glue("training_host")
+    model, clip, vae = sd15
+    unet = model.model.diffusion_model
+    with torch.inference_mode(), th.training_context(model, clip):
+        step = th.SefiStep(model, clip, vae, th.fit_image(photo, RES), None,
+                           _settings(pack, attention_weight=1.0), "sks", 1)
+        init = step.text.initializer_embedding("person")
+        g = torch.Generator().manual_seed(2)
+        start = init.view(1, 1, 1, 768).expand(2, 2, 1, 768) + 0.01 * torch.randn(2, 2, 1, 768, generator=g)
+
+        def one_step():
+            tok = start.clone().requires_grad_(True)
+            loss, parts = step({"clip_l": tok}, torch.Generator().manual_seed(5), 0)
+            loss.backward()
+            return loss.detach(), tok.grad.clone(), parts
+
+        before = {id(m): m.__dict__.get("forward") for m in unet.modules()}
+        loss0, grad0, parts0 = one_step()
+        with step.unet.checkpointing(True) as wrapped:
+            assert wrapped > 0
+            loss1, grad1, parts1 = one_step()
+        after = {id(m): m.__dict__.get("forward") for m in unet.modules()}
+    assert parts0["attention"] > 0
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(parts1["attention"], parts0["attention"], rtol=1e-5, atol=1e-9)
+    assert grad0.abs().sum() > 0
+    torch.testing.assert_close(grad1, grad0, rtol=1e-4, atol=1e-8)
+    assert all(after[k] is before[k] for k in before)
+    identity = _train(host, sd15, photo, name="ckpt", steps=1, gradient_checkpointing=True)[0]
+    assert identity.training["gradient_checkpointing"] is True
+    assert all("forward" not in mod.__dict__ for mod in model.model.modules())
+
+
+def test_precision_choices(host, sd15, pack, photo):
+    """auto and fp32 train in float32 on CPU; bf16 runs a step with a finite loss; tokens stay float32 and the
+    model's dtype attributes and weights are restored."""
+    model, _, _ = sd15
+    unet = model.model.diffusion_model
+    dtype_before, cast_before = unet.dtype, model.model.manual_cast_dtype
+    weight = next(unet.parameters())
+    for precision, want in (("auto", "fp32"), ("fp32", "fp32"), ("bf16", "bf16")):
+        identity = _train(host, sd15, photo, name=f"prec_{precision}", steps=1, precision=precision)[0]
+        assert identity.training["precision"] == want
+        assert np.isfinite(identity.training["final_loss"])
+        assert identity.tokens["clip_l"].dtype == torch.float32
+    assert unet.dtype == dtype_before and model.model.manual_cast_dtype == cast_before
+    assert next(unet.parameters()) is weight
+    with pytest.raises(ValueError, match="precision"):
+        _train(host, sd15, photo, name="prec_bad", steps=1, precision="int8")
