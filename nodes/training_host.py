@@ -19,7 +19,6 @@ Two host traps (comfyui-host.md A10, B4) and how they are handled here:
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import math
 import re
@@ -108,6 +107,15 @@ def _unpack(t: Tensor) -> Tensor:
     return t
 
 
+def restore_forwards(wrapped: list[tuple[nn.Module, object]]) -> None:
+    """Undo temporary instance `forward` overrides, newest first: delete ours, or put back an earlier one."""
+    for mod, previous in reversed(wrapped):
+        if previous is None:
+            del mod.forward
+        else:
+            mod.forward = previous
+
+
 @contextlib.contextmanager
 def safe_inplace_residuals(root: nn.Module):
     """Wrap the forward of every sub-module whose host forward does `x += n` so that tensors saved for backward
@@ -128,11 +136,7 @@ def safe_inplace_residuals(root: nn.Module):
             wrapped.append((mod, previous))
         yield len(wrapped)
     finally:
-        for mod, previous in reversed(wrapped):
-            if previous is None:
-                del mod.forward
-            else:
-                mod.forward = previous
+        restore_forwards(wrapped)
 
 
 def compute_dtype(model, precision: str = "auto") -> torch.dtype:
@@ -361,7 +365,7 @@ def align_columns(target: PromptTokens, reference: Sequence[int], ref_slots: Seq
     if mode == "identity":
         return [a for a, _ in id_pairs], [b for _, b in id_pairs]
     first, last = target.slots[0], target.slots[-1]
-    rfirst, rlast = ref_slots[0], ref_slots[-1]
+    rlast = ref_slots[-1]
     pairs = [(i, i) for i in range(1, first)] + id_pairs
     pairs += [(last + k, rlast + k) for k in range(1, target.eos - last + 1) if rlast + k <= eos_ref]
     if mode == "all":
@@ -492,11 +496,7 @@ class UnetStep:
                     wrapped.append((mod, previous))
             yield len(wrapped)
         finally:
-            for mod, previous in reversed(wrapped):
-                if previous is None:
-                    del mod.forward
-                else:
-                    mod.forward = previous
+            restore_forwards(wrapped)
 
 
 _CHECKPOINT_CLASSES = frozenset({"BasicTransformerBlock", "ResBlock"})

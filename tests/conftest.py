@@ -88,6 +88,17 @@ def sd15(host, tiny_sd15):
     return host.run("CheckpointLoaderSimple", ckpt_name=tiny_sd15.name)[:3]
 
 
+@pytest.fixture(scope="module")
+def sdxl(host, tiny_sdxl):
+    """(MODEL, CLIP, VAE) of the tiny SDXL checkpoint for one test module (~5 GB), unloaded after it."""
+    folder = Path(host.folder_paths.get_folder_paths("checkpoints")[0])
+    _link_model(folder, tiny_sdxl)
+    model, clip, vae = host.run("CheckpointLoaderSimple", ckpt_name=tiny_sdxl.name)[:3]
+    yield model, clip, vae
+    del model, clip, vae
+    host.pack_module.nodes.host.model_management.unload_all_models()
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, tiny_sd15):
     """A real ComfyUI server headless on 127.0.0.1 (free port, --cpu) with this pack in its custom nodes."""

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from tools import embedded_host, tiny_checkpoints
+from tools import embedded_host
 
 MODEL_FOLDERS = ("checkpoints", "controlnet", "embeddings", "sefi_identities", "insightface/models")
 

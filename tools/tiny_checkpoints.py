@@ -95,26 +95,25 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
-def build_sd15(path: Path, seed: int = 0) -> Path:
-    import comfy.sd1_clip
+def _build_checkpoint(path: Path, unet_config: dict, text_model, seed: int) -> Path:
+    """UNet + text encoder(s) + KL-VAE, each randomised and converted by the detected config's own savers."""
     g = torch.Generator().manual_seed(seed)
-    config = _model_config(SD15_UNET)
-    text = _meta_state_dict(lambda: comfy.sd1_clip.SD1ClipModel(device="meta", dtype=torch.float32))
+    config = _model_config(unet_config)
+    text = _meta_state_dict(lambda: text_model(device="meta", dtype=torch.float32))
     tensors = {**config.process_unet_state_dict_for_saving(_randomise(_unet_shapes(config), g)),
                **config.process_clip_state_dict_for_saving(_randomise(text, g)),
                **config.process_vae_state_dict_for_saving(_randomise(_vae_shapes(), g))}
     return _save(tensors, path)
+
+
+def build_sd15(path: Path, seed: int = 0) -> Path:
+    import comfy.sd1_clip
+    return _build_checkpoint(path, SD15_UNET, comfy.sd1_clip.SD1ClipModel, seed)
 
 
 def build_sdxl(path: Path, seed: int = 0) -> Path:
     import comfy.sdxl_clip
-    g = torch.Generator().manual_seed(seed)
-    config = _model_config(SDXL_UNET)
-    text = _meta_state_dict(lambda: comfy.sdxl_clip.SDXLClipModel(device="meta", dtype=torch.float32))
-    tensors = {**config.process_unet_state_dict_for_saving(_randomise(_unet_shapes(config), g)),
-               **config.process_clip_state_dict_for_saving(_randomise(text, g)),
-               **config.process_vae_state_dict_for_saving(_randomise(_vae_shapes(), g))}
-    return _save(tensors, path)
+    return _build_checkpoint(path, SDXL_UNET, comfy.sdxl_clip.SDXLClipModel, seed)
 
 
 def build_controlnet_sd15(path: Path, seed: int = 0) -> Path:

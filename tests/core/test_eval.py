@@ -7,7 +7,6 @@ Each photo is detected once per module (a caching backend wraps dlib); the file 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import shutil
@@ -18,7 +17,7 @@ import pytest
 from PIL import Image
 
 from sefi_core import eval as ev
-from sefi_core.faces import DlibBackend, Face
+from sefi_core.faces import Face
 from sefi_core.faces.backends import dlib_backend
 from sefi_core.faces.identity import ARCFACE_KIND, DLIB_KIND
 
@@ -38,26 +37,6 @@ PHOTOS = {
 }
 #: Measured on the photos above (see test_calibration_separates_people); the test fails if they drift.
 MIN_MARGIN = 0.1
-
-
-class CachingBackend:
-    """dlib with detections memoised by image content."""
-
-    def __init__(self) -> None:
-        self.inner = DlibBackend()
-        self.name = self.inner.name
-        self.cache: dict[str, list[Face]] = {}
-
-    def detect(self, image: np.ndarray, descriptors: bool = True) -> list[Face]:
-        key = hashlib.sha1(np.ascontiguousarray(image).tobytes() + str(image.shape).encode()).hexdigest()
-        if key not in self.cache:
-            self.cache[key] = self.inner.detect(image, descriptors=True)
-        return list(self.cache[key])
-
-
-@pytest.fixture(scope="module")
-def backend() -> CachingBackend:
-    return CachingBackend()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ detected once per module (a caching backend wraps dlib), so the file stays well 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 from pathlib import Path
@@ -16,8 +15,6 @@ import pytest
 
 from sefi_core.faces import (
     MASK_SHAPES,
-    DlibBackend,
-    Face,
     FaceMaskOptions,
     NoFaceError,
     build_face_outputs,
@@ -67,26 +64,6 @@ def load(name: str) -> np.ndarray:
     with Image.open(path) as im:
         im = im if im.mode in ("RGB", "RGBA", "L") else im.convert("RGB")
         return np.asarray(im).astype(np.float32) / 255.0
-
-
-class CachingBackend:
-    """dlib with detections memoised by image content: each photo is detected once per module."""
-
-    def __init__(self) -> None:
-        self.inner = DlibBackend()
-        self.name = self.inner.name
-        self.cache: dict[str, list[Face]] = {}
-
-    def detect(self, image: np.ndarray, descriptors: bool = True) -> list[Face]:
-        key = hashlib.sha1(np.ascontiguousarray(image).tobytes() + str(image.shape).encode()).hexdigest()
-        if key not in self.cache:
-            self.cache[key] = self.inner.detect(image, descriptors=True)
-        return list(self.cache[key])
-
-
-@pytest.fixture(scope="module")
-def backend() -> CachingBackend:
-    return CachingBackend()
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import ast
-import importlib
-import json
 import os
 from pathlib import Path
 
-import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,18 +5,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def sdxl(host, tiny_sdxl):
-    folder = host.folder_paths.get_folder_paths("checkpoints")[0]
-    link = f"{folder}/{tiny_sdxl.name}"
-    import os
-    if not os.path.exists(link):
-        os.symlink(tiny_sdxl, link)
-    model, clip, vae = host.run("CheckpointLoaderSimple", ckpt_name=tiny_sdxl.name)[:3]
-    yield model, clip, vae
-    host.pack_module.nodes.host.model_management.unload_all_models()
-
-
 def _sdxl_identity(pack, seed, stages=3):
     Identity = pack.core("identity").Identity
     g = torch.Generator().manual_seed(seed)

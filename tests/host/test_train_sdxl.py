@@ -3,7 +3,6 @@ the pooled/size `y` input. Kept small (64 px, 3 steps); the SDXL model is unload
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy as np
 import pytest
@@ -11,17 +10,6 @@ import torch
 from PIL import Image
 
 TEMPLATE = "a photo of the face of {}"
-
-
-@pytest.fixture(scope="module")
-def sdxl(host, tiny_sdxl):
-    folder = host.folder_paths.get_folder_paths("checkpoints")[0]
-    link = f"{folder}/{tiny_sdxl.name}"
-    if not os.path.exists(link):
-        os.symlink(tiny_sdxl, link)
-    model, clip, vae = host.run("CheckpointLoaderSimple", ckpt_name=tiny_sdxl.name)[:3]
-    yield model, clip, vae
-    host.pack_module.nodes.host.model_management.unload_all_models()
 
 
 @pytest.fixture(scope="module")
