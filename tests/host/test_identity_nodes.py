@@ -302,3 +302,32 @@ def test_load_identity_node_lists_loads_and_tracks_changes(host, pack, tmp_path)
     assert cls.IS_CHANGED("alice.safetensors") != before
     with pytest.raises(FileNotFoundError, match="sefi_identities"):
         host.run("SeFiLoadIdentity", identity_name="nobody.safetensors")
+
+
+def test_chained_nodes_each_route_only_their_own_conditioning(host, sd15, pack, routed_identity):
+    """Two SeFiApplyIdentity nodes in a chain (MODEL of the first into the second), their conditionings
+    combined: each patch swaps only its own chunk, in either batch position."""
+    model, clip, _ = sd15
+    first = routed_identity
+    second = _identity(pack, 15, trigger="zwx")
+    m1, cond_a = _apply(host, model, clip, first, text="a photo of sks person")
+    m2, cond_b = _apply(host, m1, clip, second, text="zwx person in a park")
+    combined = host.run("ConditioningCombine", conditioning_1=cond_a, conditioning_2=cond_b)[0]
+    assert len(combined) == 2
+    patches = m2.model_options["transformer_options"]["patches"]["attn2_patch"]
+    assert len(patches) == 2 and "attn2_patch" not in model.model_options["transformer_options"].get("patches", {})
+    neg = host.run("CLIPTextEncode", clip=clip, text="blurry")[0][0][0]
+    sigma = 0.3
+    sampling = model.get_model_object("model_sampling")
+    stage = min(int(float(sampling.timestep(torch.tensor([sigma]))) * STAGES // 1000), STAGES - 1)
+    want_a = _stage_encoding(host, model, clip, first, stage, 0, pack)
+    want_b = _stage_encoding(host, model, clip, second, stage, 0, pack, text="zwx person in a park")
+    for order, chunks, wants in (([0, 0, 1], [cond_a[0][0], cond_b[0][0], neg], [want_a, want_b, neg]),
+                                 ([1, 0, 0], [neg, cond_b[0][0], cond_a[0][0]], [neg, want_b, want_a])):
+        context = torch.cat(chunks)
+        eo = {"cond_or_uncond": order, "sigmas": torch.full((3,), sigma)}
+        value = context
+        for patch in patches:  # the host runs the list in order, each patch seeing the previous one's output
+            _, context, value = patch(None, context, value, eo)
+        for i, want in enumerate(wants):
+            torch.testing.assert_close(context[i:i + 1], want, rtol=0, atol=0)
