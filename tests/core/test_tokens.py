@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -125,11 +126,16 @@ def test_placeholder_words_are_distinct_lowercase_words() -> None:
 
 
 def _clip_vocab() -> dict[str, int] | None:
-    """CLIP's vocab as shipped with ComfyUI, located without importing the package."""
-    spec = importlib.util.find_spec("comfy")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    vocab = Path(next(iter(spec.submodule_search_locations))) / "sd1_tokenizer" / "vocab.json"
+    """CLIP's vocab as shipped with ComfyUI (the COMFYUI_PATH checkout, else the installed package), located
+    without importing the package."""
+    if os.environ.get("COMFYUI_PATH"):
+        package = Path(os.environ["COMFYUI_PATH"]) / "comfy"
+    else:
+        spec = importlib.util.find_spec("comfy")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        package = Path(next(iter(spec.submodule_search_locations)))
+    vocab = package / "sd1_tokenizer" / "vocab.json"
     return json.loads(vocab.read_text(encoding="utf-8")) if vocab.is_file() else None
 
 
