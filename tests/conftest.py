@@ -35,6 +35,24 @@ def faces_dir() -> Path:
     return FACES_DIR
 
 
+def image_tensor(path: Path, max_side: int | None = None):
+    """A photo as a ComfyUI IMAGE [1, H, W, 3] float 0..1, shrunk to fit `max_side` when given."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if max_side:
+            im.thumbnail((max_side, max_side))
+        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)[None]
+
+
+@pytest.fixture(scope="session")
+def face_photo(faces_dir):
+    """`face_photo("obama_1.jpg", 160)`: a real face photo from ../shared/faces as a ComfyUI IMAGE."""
+    return lambda name, max_side=None: image_tensor(faces_dir / name, max_side)
+
+
 def _tiny(family: str) -> Path:
     """Build (once, cached) in a subprocess: importing the host's model code here would fix its folders
     before the in-process host is booted with its own base directory."""

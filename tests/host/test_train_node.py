@@ -7,18 +7,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 RES = 64
 TEMPLATE = "a photo of the face of {}"
 
 
 @pytest.fixture(scope="module")
-def photo(faces_dir):
+def photo(face_photo):
     """obama_1.jpg as a ComfyUI IMAGE [1, H, W, 3] (the node itself resizes and centre-crops)."""
-    img = Image.open(faces_dir / "obama_1.jpg").convert("RGB")
-    img.thumbnail((160, 160))
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+    return face_photo("obama_1.jpg", 160)
 
 
 @pytest.fixture(scope="module")

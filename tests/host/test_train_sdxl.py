@@ -7,16 +7,14 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 TEMPLATE = "a photo of the face of {}"
 
 
 @pytest.fixture(scope="module")
-def photo(faces_dir):
-    img = Image.open(faces_dir / "obama_1.jpg").convert("RGB")
-    img.thumbnail((96, 96))
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+def photo(face_photo):
+    """obama_1.jpg as a ComfyUI IMAGE [1, H, W, 3] (the node itself resizes and centre-crops)."""
+    return face_photo("obama_1.jpg", 96)
 
 
 def test_sdxl_manual_encode_matches_host(host, sdxl, pack):
