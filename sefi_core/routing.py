@@ -63,39 +63,56 @@ def _split(context: torch.Tensor, codes: Sequence[int]) -> int:
     return context.shape[0] // len(codes)
 
 
-def _is_base(chunk: torch.Tensor, base: torch.Tensor, atol: float) -> bool:
-    """True iff every row of `chunk` [rows, L, C] is `base` [1, L0, C] repeated L / L0 times."""
+def _base_blocks(chunk: torch.Tensor, base: torch.Tensor, atol: float) -> tuple[bool, ...]:
+    """For each L0-token block of `chunk` [rows, L, C], whether it is `base` [1, L0, C] in every row.
+
+    A chunk that is our conditioning repeated to the LCM length matches in every block; one that ConditioningConcat
+    glued to other tokens matches in some. A length that is not a multiple of L0 matches nowhere."""
     rows, length, width = chunk.shape
     base_len = base.shape[1]
     if width != base.shape[2] or length % base_len:
-        return False
+        return ()
     tiled = chunk.reshape(rows, length // base_len, base_len, width)
-    ref = base.reshape(1, 1, base_len, width).expand_as(tiled)
+    ref = base.reshape(1, 1, base_len, width)
     if atol == 0:
-        return torch.equal(tiled, ref)
-    return torch.allclose(tiled, ref, rtol=0.0, atol=atol)
+        same = (tiled == ref).all(dim=3).all(dim=2).all(dim=0)
+    else:
+        same = ((tiled - ref).abs() <= atol).all(dim=3).all(dim=2).all(dim=0)
+    return tuple(same.tolist())
 
 
-def match_chunks(
-    context: torch.Tensor, cond_or_uncond: Sequence[int], bindings: Sequence[Binding], atol: float = 0.0
-) -> tuple[int | None, ...]:
-    """For each batch chunk, the index of the first binding whose base it is (positive chunks only), else None.
+ChunkMatch = tuple[int, tuple[bool, ...]]
+"""(binding index, which L0-blocks of the chunk hold that binding's base)."""
 
-    Each comparison reads the chunk back to the host (a device sync); ContextRouter avoids repeating it.
-    """
+
+def _match(
+    context: torch.Tensor, cond_or_uncond: Sequence[int], bindings: Sequence[Binding], atol: float
+) -> tuple[ChunkMatch | None, ...]:
     per = _split(context, cond_or_uncond)
-    matches: list[int | None] = []
+    matches: list[ChunkMatch | None] = []
     for i, code in enumerate(cond_or_uncond):
         found = None
         if code == 0:
             chunk = context[i * per : (i + 1) * per]
             for b, binding in enumerate(bindings):
-                base = binding.cast(context.dtype, context.device)[0]
-                if _is_base(chunk, base, atol):
-                    found = b
+                blocks = _base_blocks(chunk, binding.cast(context.dtype, context.device)[0], atol)
+                if any(blocks) and (all(blocks) or binding.keys.shape[1] == binding.base.shape[1]):
+                    found = (b, blocks)
                     break
         matches.append(found)
     return tuple(matches)
+
+
+def match_chunks(
+    context: torch.Tensor, cond_or_uncond: Sequence[int], bindings: Sequence[Binding], atol: float = 0.0
+) -> tuple[int | None, ...]:
+    """For each batch chunk, the index of the first binding whose base it holds (positive chunks only), else None.
+
+    A chunk holds a base when it is that base repeated, or contains it as whole aligned blocks (ConditioningConcat);
+    the latter only counts when the binding's keys have the base's length, so they can take its place.
+    Each comparison reads the chunk back to the host (a device sync); ContextRouter avoids repeating it.
+    """
+    return tuple(None if m is None else m[0] for m in _match(context, cond_or_uncond, bindings, atol))
 
 
 def _check_value(context: torch.Tensor, value: torch.Tensor) -> None:
@@ -103,28 +120,41 @@ def _check_value(context: torch.Tensor, value: torch.Tensor) -> None:
         raise ValueError(f"value {list(value.shape)} must have the batch and length of context {list(context.shape)}")
 
 
+def _swap_blocks(part: torch.Tensor, blocks: tuple[bool, ...], replacement: torch.Tensor) -> torch.Tensor:
+    """`part` [rows, L, C] with each flagged L0-block replaced by `replacement` [1, L0, C]."""
+    rows, length, width = part.shape
+    tiled = part.reshape(rows, len(blocks), length // len(blocks), width).clone()
+    flags = torch.tensor(blocks, device=part.device)
+    tiled[:, flags] = replacement.to(part.dtype).reshape(1, 1, -1, width)
+    return tiled.reshape(rows, length, width)
+
+
 def _apply(
     context: torch.Tensor,
     value: torch.Tensor,
-    matches: Sequence[int | None],
+    matches: Sequence[ChunkMatch | None],
     bindings: Sequence[Binding],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Swap matched chunks for their bindings' keys/values, repeat all chunks to the LCM length, concatenate.
-    With no match, return the inputs themselves: the common case costs nothing."""
+    """Swap matched chunks (or their matched blocks) for their bindings' keys/values, repeat all chunks to the
+    LCM length, concatenate. With no match, return the inputs themselves: the common case costs nothing."""
     if all(m is None for m in matches):
         return context, value
     per = context.shape[0] // len(matches)
     ctx_parts: list[torch.Tensor] = []
     val_parts: list[torch.Tensor] = []
-    for i, b in enumerate(matches):
-        if b is None:
-            ctx_parts.append(context[i * per : (i + 1) * per])
-            val_parts.append(value[i * per : (i + 1) * per])
-        else:
+    for i, match in enumerate(matches):
+        ctx_part, val_part = context[i * per : (i + 1) * per], value[i * per : (i + 1) * per]
+        if match is not None:
+            b, blocks = match
             _, keys, _ = bindings[b].cast(context.dtype, context.device)
             _, _, values = bindings[b].cast(value.dtype, value.device)
-            ctx_parts.append(keys.expand(per, -1, -1))
-            val_parts.append(values.expand(per, -1, -1))
+            if all(blocks):
+                ctx_part, val_part = keys.expand(per, -1, -1), values.expand(per, -1, -1)
+            else:
+                ctx_part = _swap_blocks(ctx_part, blocks, keys)
+                val_part = _swap_blocks(val_part, blocks, values)
+        ctx_parts.append(ctx_part)
+        val_parts.append(val_part)
     # Repeat, never zero-pad: repeated tokens leave softmax attention unchanged, zero keys do not.
     length = math.lcm(*(p.shape[1] for p in ctx_parts))
     ctx = torch.cat([p.repeat(1, length // p.shape[1], 1) if p.shape[1] != length else p for p in ctx_parts])
@@ -145,7 +175,7 @@ def route_contexts(
     keep their own context and value slices. When nothing matches, the very same tensor objects come back.
     """
     _check_value(context, value)
-    return _apply(context, value, match_chunks(context, cond_or_uncond, bindings, atol), bindings)
+    return _apply(context, value, _match(context, cond_or_uncond, bindings, atol), bindings)
 
 
 class ContextRouter:
@@ -160,7 +190,7 @@ class ContextRouter:
     def __init__(self, bindings: Sequence[Binding], atol: float = 0.0) -> None:
         self.bindings = tuple(bindings)
         self.atol = atol
-        self._last: tuple[torch.Tensor, tuple[int, ...], tuple[int | None, ...]] | None = None
+        self._last: tuple[torch.Tensor, tuple[int, ...], tuple[ChunkMatch | None, ...]] | None = None
 
     def __call__(
         self, context: torch.Tensor, value: torch.Tensor, cond_or_uncond: Sequence[int]
@@ -172,6 +202,6 @@ class ContextRouter:
         if last is not None and last[0] is context and last[1] == codes:
             matches = last[2]
         else:
-            matches = match_chunks(context, codes, self.bindings, self.atol)
+            matches = _match(context, codes, self.bindings, self.atol)
             self._last = (context, codes, matches)
         return _apply(context, value, matches, self.bindings)

@@ -116,14 +116,6 @@ def test_repetition_leaves_attention_unchanged() -> None:
     assert not torch.allclose(attend(q, k, v), attend(q, *padded), atol=1e-3)
 
 
-def test_prefix_match_is_not_enough() -> None:
-    b = binding(1)
-    not_repeated = torch.cat([b.base, rand(77, 8)], 1)  # first 77 tokens equal base, the rest differ
-    context = torch.cat([not_repeated, rand(154, 9)])
-    out = route_contexts(context, context, [0, 1], [b])
-    assert out[0] is context
-
-
 def test_length_not_a_multiple_of_base_is_not_ours() -> None:
     b = binding(1, length=77)
     context = torch.cat([b.base, b.base[:, :1]], 1)  # 78 tokens starting with base
@@ -207,8 +199,8 @@ def test_router_matches_once_per_context_tensor(monkeypatch: pytest.MonkeyPatch)
     context = batch([NEG, b.base])
     expected = route_contexts(context, context, [1, 0], [b])
     calls = []
-    real = routing.match_chunks
-    monkeypatch.setattr(routing, "match_chunks", lambda *a: calls.append(1) or real(*a))
+    real = routing._match
+    monkeypatch.setattr(routing, "_match", lambda *a: calls.append(1) or real(*a))
     router = ContextRouter([b])
     for _ in range(5):  # 5 attention sites in one step
         ctx, val = router(context, context, [1, 0])
@@ -219,3 +211,33 @@ def test_router_matches_once_per_context_tensor(monkeypatch: pytest.MonkeyPatch)
     other = batch([NEG, rand(77, 5)])
     assert router(other, other, [1, 0])[0] is other  # a new tensor: decide again
     assert len(calls) == 3
+
+
+def test_concatenated_conditioning_swaps_only_our_blocks() -> None:
+    """ConditioningConcat glues our tokens to another prompt's: only our 77-token block takes the stage's
+    keys/values, in either position, also after LCM repetition."""
+    b = binding(3)
+    other, other_value = rand(77, 11), rand(77, 12)
+    for tokens, values, ours in (([b.base, other], [b.base, other_value], 0), ([other, b.base], [other_value, b.base], 1)):
+        chunk = torch.cat(tokens, dim=1)
+        value_chunk = torch.cat(values, dim=1)
+        context = torch.cat([NEG.repeat(1, 2, 1), chunk])
+        value = torch.cat([NEG.repeat(1, 2, 1), value_chunk])
+        ctx, val = route_contexts(context, value, [1, 0], [b])
+        assert torch.equal(ctx[1:, ours * 77:(ours + 1) * 77], b.keys[0:1])
+        assert torch.equal(val[1:, ours * 77:(ours + 1) * 77], b.values[0:1])
+        rest = slice((1 - ours) * 77, (2 - ours) * 77)
+        assert torch.equal(ctx[1:, rest], chunk[:, rest]) and torch.equal(val[1:, rest], value_chunk[:, rest])
+        assert torch.equal(ctx[:1], context[:1])
+        longer = torch.cat([chunk, chunk], dim=1)  # the host repeated it to the LCM with a 154-token chunk
+        ctx2, _ = route_contexts(longer, longer, [0], [b])
+        assert torch.equal(ctx2[:, ours * 77:(ours + 1) * 77], b.keys) and torch.equal(ctx2[:, 154 + ours * 77:154 + (ours + 1) * 77], b.keys)
+
+
+def test_concatenation_is_not_spliced_when_keys_have_another_length() -> None:
+    base = rand(77, 21)
+    b = Binding(base, rand(154, 22), rand(154, 23))
+    chunk = torch.cat([base, rand(77, 24)], dim=1)
+    assert match_chunks(chunk, [0], [b]) == (None,)
+    ctx, _ = route_contexts(chunk, chunk, [0], [b])
+    assert ctx is chunk

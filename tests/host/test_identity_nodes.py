@@ -331,3 +331,21 @@ def test_chained_nodes_each_route_only_their_own_conditioning(host, sd15, pack, 
             _, context, value = patch(None, context, value, eo)
         for i, want in enumerate(wants):
             torch.testing.assert_close(context[i:i + 1], want, rtol=0, atol=0)
+
+
+def test_conditioning_concat_keeps_the_identity_in_its_block(host, sd15, pack, routed_identity):
+    model, clip, _ = sd15
+    patched, cond = _apply(host, model, clip, routed_identity)
+    other = host.run("CLIPTextEncode", clip=clip, text="cinematic lighting, film grain")[0]
+    joined = host.run("ConditioningConcat", conditioning_to=cond, conditioning_from=other)[0]
+    assert joined[0][0].shape == (1, 154, 768)
+    sigma = 2.0
+    sampling = model.get_model_object("model_sampling")
+    stage = min(int(float(sampling.timestep(torch.tensor([sigma]))) * STAGES // 1000), STAGES - 1)
+    context = joined[0][0]
+    _, ctx, val = _our_patch(patched)(None, context, context, {"cond_or_uncond": [0], "sigmas": torch.tensor([sigma])})
+    torch.testing.assert_close(ctx[:, :77], _stage_encoding(host, model, clip, routed_identity, stage, 0, pack),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(val[:, :77], _stage_encoding(host, model, clip, routed_identity, stage, 1, pack),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(ctx[:, 77:], other[0][0], rtol=0, atol=0)
