@@ -182,8 +182,9 @@ class ContextRouter:
     """route_contexts for one set of bindings, remembering the last match decision.
 
     ComfyUI hands the same context tensor to every attention site of a step, so matching (which syncs with
-    the device) is done once per step instead of at 16-70 sites. The memo holds a reference to that tensor,
-    so its memory cannot be reused by another tensor while remembered; it assumes no one edits a context
+    the device) is done once per step instead of at 16-70 sites, and when the value tensor is the same object
+    too (the usual case) the routed pair itself is reused. The memo holds references to those tensors, so
+    their memory cannot be reused by another tensor while remembered; it assumes no one edits a context
     tensor in place (inference tensors carry no version counter to check).
     """
 
@@ -191,6 +192,7 @@ class ContextRouter:
         self.bindings = tuple(bindings)
         self.atol = atol
         self._last: tuple[torch.Tensor, tuple[int, ...], tuple[ChunkMatch | None, ...]] | None = None
+        self._routed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def __call__(
         self, context: torch.Tensor, value: torch.Tensor, cond_or_uncond: Sequence[int]
@@ -200,8 +202,13 @@ class ContextRouter:
         codes = tuple(cond_or_uncond)
         last = self._last
         if last is not None and last[0] is context and last[1] == codes:
+            routed = self._routed
+            if routed is not None and routed[0] is context and routed[1] is value:
+                return routed[2], routed[3]
             matches = last[2]
         else:
             matches = _match(context, codes, self.bindings, self.atol)
             self._last = (context, codes, matches)
-        return _apply(context, value, matches, self.bindings)
+        ctx, val = _apply(context, value, matches, self.bindings)
+        self._routed = (context, value, ctx, val)
+        return ctx, val

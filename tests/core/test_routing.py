@@ -241,3 +241,15 @@ def test_concatenation_is_not_spliced_when_keys_have_another_length() -> None:
     assert match_chunks(chunk, [0], [b]) == (None,)
     ctx, _ = route_contexts(chunk, chunk, [0], [b])
     assert ctx is chunk
+
+
+def test_router_reuses_the_routed_pair_within_a_step_and_respects_a_new_value() -> None:
+    b = binding(5)
+    context = batch([NEG, b.base])
+    router = ContextRouter([b])
+    first = router(context, context, [1, 0])
+    again = router(context, context, [1, 0])
+    assert again[0] is first[0] and again[1] is first[1]
+    other_value = context * 2  # an earlier patch changed the value input: route it, do not reuse
+    ctx, val = router(context, other_value, [1, 0])
+    assert torch.equal(ctx, first[0]) and torch.equal(val[:1], other_value[:1]) and torch.equal(val[1:], b.values)
