@@ -149,7 +149,7 @@ class SeFiFaceMask:
             backend=backend, select=which_face, index=face_index, mask_shape=mask_shape, grow=grow,
             feather=float(feather), crop_size=crop_size, crop_margin=crop_margin, on_no_face=on_no_face,
             insightface_pack=insightface_pack, insightface_roots=tuple(host.insightface_roots()),
-            device=str(host.model_management.get_torch_device()))
+            device=str(host.torch_device()))
         singles = core.split_batch(image)
         if not singles:
             raise ValueError("SeFi Face Mask got an empty image batch.")

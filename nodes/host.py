@@ -3,11 +3,12 @@
 Two layouts exist in the wild: upstream ComfyUI (a checkout whose top-level modules are `folder_paths`,
 `nodes`, `node_helpers`, …) and the installable PyPI distribution (`comfyui`, where they live under
 `comfy.cmd` / `comfy.nodes`). Features also differ (conditioning hooks, patcher wrappers, the V3 API exist
-only in newer upstream releases). Every other module of the pack imports host things from here.
+only in newer upstream releases); the pack relies only on what both have (the attn2 patch list, V1 nodes), and
+the few API differences it meets (interrupt exception, force_full_load) are bridged here. Every other module
+of the pack imports host things from here.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Iterable
 
@@ -22,9 +23,6 @@ except ImportError:  # upstream checkout
 
 import comfy.model_management as model_management  # noqa: E402
 import comfy.utils  # noqa: E402
-
-HAS_HOOKS = importlib.util.find_spec("comfy.hooks") is not None
-HAS_PATCHER_WRAPPERS = importlib.util.find_spec("comfy.patcher_extension") is not None
 
 IDENTITY_FOLDER = "sefi_identities"
 IDENTITY_EXTENSIONS = {".safetensors"}
@@ -130,7 +128,9 @@ def torch_device():
     return model_management.get_torch_device()
 
 
-__all__ = ["DISTRIBUTION", "HAS_HOOKS", "HAS_PATCHER_WRAPPERS", "IDENTITY_FOLDER", "INSIGHTFACE_FOLDER",
-           "InterruptProcessingException", "ensure_model_folder", "clip_attention", "folder_paths", "filename_list", "load_for_training", "torch_device", "full_path",
-           "insightface_roots", "interrupt_current_processing", "knows_model_folder", "model_management",
-           "models_dir", "progress_bar", "raise_if_interrupted", "register_model_folder"]
+__all__ = [
+    "DISTRIBUTION", "IDENTITY_FOLDER", "INSIGHTFACE_FOLDER", "InterruptProcessingException", "clip_attention",
+    "ensure_model_folder", "filename_list", "folder_paths", "full_path", "insightface_roots",
+    "interrupt_current_processing", "knows_model_folder", "load_for_training", "model_management", "models_dir",
+    "progress_bar", "raise_if_interrupted", "register_model_folder", "torch_device",
+]
