@@ -178,6 +178,39 @@ def test_frozen_weights_untouched(host, sd15, pack, photo):
     assert all("forward" not in mod.__dict__ for mod in model.model.modules())
 
 
+def test_frozen_stand_ins_share_memory_unless_cast(host, sd15, pack):
+    """Same dtype: the training stand-in is an ordinary tensor over the original's memory (no second copy of the
+    weights); a cast makes a copy and, when parking is on, the original moves off its storage until exit."""
+    th = pack.glue("training_host")
+    model, _, _ = sd15
+    with torch.inference_mode():  # as the executor loads models
+        th.host.load_for_training(model, sd15[1])
+    unet = model.model.diffusion_model
+    names = [n for n, p in unet.named_parameters() if p.is_floating_point()][:50]
+    with torch.inference_mode():
+        originals = {n: p for n, p in unet.named_parameters() if n in names}
+        values = {n: p.detach().clone() for n, p in originals.items()}
+    dtype = originals[names[0]].dtype
+    with torch.inference_mode(False):
+        with th.frozen_copies([unet], dtype):
+            inside = dict(unet.named_parameters())
+            for n in names:
+                assert inside[n] is not originals[n] and not inside[n].is_inference()
+                assert inside[n].data_ptr() == originals[n].data_ptr()
+        other = torch.bfloat16 if dtype != torch.bfloat16 else torch.float32
+        with th.frozen_copies([unet], other, park_originals=True):
+            inside = dict(unet.named_parameters())
+            for n in names:
+                assert inside[n].dtype == other
+                assert originals[n].data_ptr() != inside[n].data_ptr()
+            parked_ptrs = {n: originals[n].data_ptr() for n in names}
+    after = dict(unet.named_parameters())
+    for n in names:
+        assert after[n] is originals[n]
+        assert after[n].data_ptr() != parked_ptrs[n]
+        assert torch.equal(after[n], values[n])
+
+
 def test_name_overwrite_and_divergence(host, sd15, pack, photo):
     train = pack.glue("train")
     tr = pack.core("training")
