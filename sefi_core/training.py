@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_write
+from .loss_scale import DynamicLossScale
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -237,6 +238,8 @@ class TrainState:
     settings: dict[str, Any]
     generator_config: dict[str, Any] | None = None
     parts_history: list[dict[str, float]] = field(default_factory=list)
+    loss_scale: dict[str, Any] | None = None
+    """The fp16 loss scaler's state (:class:`DynamicLossScale`); None for bf16/fp32 runs."""
 
 
 @dataclass
@@ -360,7 +363,10 @@ def run_training(
        ``step_seed(seed, i, "data")``;
     3. ``tokens = generator()`` (train mode, dropout on); ``loss, parts = step_fn(tokens, rng, i)``;
     4. NaN/inf loss → :class:`TrainingDivergedError` (nothing saved, parameters untouched);
-    5. backward, gradient-norm check (NaN/inf → same error) and clipping, AdamW step;
+    5. backward, gradient-norm check (NaN/inf → same error) and clipping, AdamW step; with
+       ``precision="fp16"`` the loss is scaled before backward (:mod:`sefi_core.loss_scale`) and
+       a step whose scaled gradient overflowed is skipped with the scale halved (an error only
+       once the scale falls below 1);
     6. history, ``on_progress(i + 1, steps, loss, parts)``, checkpoint every
        ``checkpoint_every`` steps.
 
@@ -396,6 +402,10 @@ def run_training(
     if step0 > settings.steps:
         raise ValueError(f"the checkpoint is at step {step0}, beyond steps={settings.steps}; raise steps to continue")
 
+    scaler = DynamicLossScale.for_precision(settings.precision)
+    if scaler is not None and start_state is not None and start_state.loss_scale:
+        scaler = DynamicLossScale.from_state_dict(start_state.loss_scale)
+
     config = _generator_config(generator)
     last_saved: int | None = step0 if start_state is not None else None
     step = step0
@@ -409,6 +419,7 @@ def run_training(
             settings=settings.to_dict(),
             generator_config=config,
             parts_history=[dict(p) for p in parts_history],
+            loss_scale=None if scaler is None else scaler.state_dict(),
         )
 
     def checkpoint() -> TrainState:
@@ -442,14 +453,25 @@ def run_training(
                 if not math.isfinite(loss_value):
                     raise TrainingDivergedError(step + 1, settings.steps, loss_value, parts,
                                                 "the loss is not finite", settings, last_saved)
-                loss.reshape(()).backward()
+                (loss if scaler is None else scaler.scaled(loss)).reshape(()).backward()
+                overflow = scaler is not None and not scaler.unscale_(params)
                 max_norm = settings.grad_clip_norm if settings.grad_clip_norm > 0 else math.inf
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False))
-                if not math.isfinite(grad_norm):
+                grad_norm = math.inf if overflow else float(
+                    torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False))
+                if scaler is not None:
+                    parts["loss_scale"] = scaler.scale
+                    scaler.update(not overflow)
+                if overflow and not scaler.exhausted:
+                    optimizer.zero_grad(set_to_none=True)  # skip this update; the next step uses half the scale
+                    parts["skipped"] = 1.0
+                elif not math.isfinite(grad_norm):
                     optimizer.zero_grad(set_to_none=True)
-                    raise TrainingDivergedError(step + 1, settings.steps, loss_value, parts,
-                                                f"the gradient norm is {grad_norm}", settings, last_saved)
-                optimizer.step()
+                    what = (f"the gradient is not finite even at loss scale {parts['loss_scale']:g}" if overflow
+                            else f"the gradient norm is {grad_norm}")
+                    raise TrainingDivergedError(step + 1, settings.steps, loss_value, parts, what, settings,
+                                                last_saved)
+                else:
+                    optimizer.step()
 
                 step += 1
                 parts["grad_norm"] = grad_norm
@@ -503,6 +525,7 @@ def _state_to_file_parts(state: TrainState) -> tuple[dict[str, Tensor], dict[str
         "sefi.generator_config": json.dumps(state.generator_config),
         "sefi.optimizer.param_groups": json.dumps(groups),
         "sefi.optimizer.scalars": json.dumps(scalars),
+        "sefi.loss_scale": json.dumps(state.loss_scale),
     }
     return tensors, metadata
 
@@ -567,6 +590,7 @@ def load_train_state(path: str | os.PathLike[str]) -> TrainState:
             settings=json.loads(metadata["sefi.settings"]),
             generator_config=json.loads(metadata["sefi.generator_config"]),
             parts_history=json.loads(metadata.get("sefi.parts_history", "[]")),
+            loss_scale=json.loads(metadata.get("sefi.loss_scale", "null")),
         )
     except (KeyError, ValueError) as e:
         raise TrainStateFileError(f"{p} is a damaged SeFi training checkpoint ({e!r}); delete it to start over") from e

@@ -309,3 +309,81 @@ def test_loss_curve_image() -> None:
     assert empty.shape == (96, 128, 3) and (empty < 255).any()
     assert render_loss_curve([0.5], 128, 96).shape == (96, 128, 3)
     assert ema([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+
+
+# ----------------------------------------------------------------------------- fp16 loss scaling
+
+
+def _half_path(factor: float, loss_weight: float):
+    """A step whose gradient reaches the V tokens through fp16 arithmetic: d loss/d token = loss_weight * factor,
+    computed in fp16 (underflows to 0 below ~6e-8, overflows to inf above 65504)."""
+    def step(tokens, rng, step):
+        h = tokens["clip_l"][:, 1].half() * factor
+        return (h.float() * loss_weight).sum(), {}
+    return step
+
+
+def test_fp16_loss_scaling_rescues_gradients_that_underflow() -> None:
+    tiny = _half_path(1e-3, 1e-5)  # true gradient 1e-8: zero in fp16 without scaling
+    moved = {}
+    for precision in ("bf16", "fp16"):
+        gen = _generator(kind="direct")
+        before = {k: v.clone() for k, v in gen.state_dict().items()}
+        result = run_training(gen, tiny, _settings(steps=2, weight_decay=0.0, precision=precision))
+        moved[precision] = not _same_tensors(gen.state_dict(), before)
+        if precision == "fp16":
+            assert result.state.loss_scale["scale"] == 2.0**16
+            assert [p["loss_scale"] for p in result.state.parts_history] == [2.0**16, 2.0**16]
+            v = gen.state_dict()
+            key = next(iter(v))
+            assert (v[key] < before[key]).any()  # the update follows the (positive) gradient downhill
+        else:
+            assert result.state.loss_scale is None
+    assert moved == {"bf16": False, "fp16": True}
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path: Path) -> None:
+    big = _half_path(1.0, 1.0)  # scaled gradient 65536 > fp16 max at the first scale, fine at half of it
+    gen = _generator(kind="direct")
+    first = {}
+
+    def watch(step, total, loss, parts):
+        if step == 1:
+            first.update(parts, params={k: v.clone() for k, v in gen.state_dict().items()})
+
+    before = {k: v.clone() for k, v in gen.state_dict().items()}
+    result = run_training(gen, big, _settings(steps=3, weight_decay=0.0, precision="fp16"), on_progress=watch)
+    assert first["skipped"] == 1.0 and first["loss_scale"] == 2.0**16
+    assert _same_tensors(first["params"], before)
+    assert [p["loss_scale"] for p in result.state.parts_history] == [2.0**16, 2.0**15, 2.0**15]
+    assert "skipped" not in result.state.parts_history[1]
+    assert not _same_tensors(gen.state_dict(), before)
+    loaded = load_train_state(save_train_state(result.state, tmp_path / "s.safetensors"))
+    assert loaded.loss_scale == result.state.loss_scale and loaded.loss_scale["scale"] == 2.0**15
+
+
+def test_fp16_resume_continues_with_the_saved_scale(tmp_path: Path) -> None:
+    big = _half_path(1.0, 1.0)
+    settings = _settings(steps=4, weight_decay=0.0, precision="fp16", checkpoint_every=0)
+    full = run_training(_generator(kind="direct"), big, settings)
+    polls = {"n": 0}
+    part = run_training(_generator(kind="direct"), big, settings,
+                        should_stop=lambda: (polls.__setitem__("n", polls["n"] + 1) or polls["n"] == 3))
+    assert part.interrupted and part.state.loss_scale["scale"] == 2.0**15
+    state = load_train_state(save_train_state(part.state, tmp_path / "s.safetensors"))
+    rest = run_training(rebuild_generator(state.generator_config), big, settings, start_state=state)
+    assert _same_tensors(rest.state.generator, full.state.generator)
+    assert rest.state.loss_scale == full.state.loss_scale
+
+
+def test_fp16_gradient_that_overflows_at_every_scale_is_divergence() -> None:
+    def inf_grad(tokens, rng, step):
+        t = tokens["clip_l"]
+        return (t - t.detach()).pow(2).sum().sqrt(), {}
+
+    gen = _generator(kind="direct")
+    before = {k: v.clone() for k, v in gen.state_dict().items()}
+    with pytest.raises(TrainingDivergedError, match="even at loss scale 1") as info:
+        run_training(gen, inf_grad, _settings(steps=40, precision="fp16"))
+    assert info.value.step == 17  # steps 1-16 halve 2^16 down to 1; overflowing at scale 1 is divergence
+    assert _same_tensors(gen.state_dict(), before)

@@ -314,8 +314,8 @@ def test_precision_choices(host, sd15, pack, photo):
     unet = model.model.diffusion_model
     dtype_before, cast_before = unet.dtype, model.model.manual_cast_dtype
     weight = next(unet.parameters())
-    for precision, want in (("auto", "fp32"), ("fp32", "fp32"), ("bf16", "bf16")):
-        identity = _train(host, sd15, photo, name=f"prec_{precision}", steps=1, precision=precision)[0]
+    for precision, want in (("auto", "fp32"), ("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16")):
+        identity = _train(host, sd15, photo, name=f"prec_{precision}", steps=2, precision=precision)[0]
         assert identity.training["precision"] == want
         assert np.isfinite(identity.training["final_loss"])
         assert identity.tokens["clip_l"].dtype == torch.float32
