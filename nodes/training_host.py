@@ -418,7 +418,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
 
 class UnetStep:
     """A private clone of the MODEL with an attn2_patch (K from c_K, V from c_V; at loss sites the reference
-    encoding is appended to both) and an attn2 replace at each loss site that computes the identity columns'
+    encoding is appended to the keys' context) and an attn2 replace at each loss site that computes the identity columns'
     probabilities and the same-Q reference probabilities (detached). The caller's MODEL is never patched."""
 
     def __init__(self, model, latent_hw: tuple[int, int], loss_sites: str, context_dim: int,
@@ -460,17 +460,19 @@ class UnetStep:
             return n, context, value
         v = st.values.to(device=context.device, dtype=context.dtype)
         if st.ref is not None and key in self.loss_keys:
+            # the reference prompt only needs keys (for its maps): appended to the context alone, so the
+            # site's replace below sees k = [prompt | reference] and v = prompt values
             r = st.ref.to(device=context.device, dtype=context.dtype)
-            return n, torch.cat([context, r], 1), torch.cat([v, r], 1)
+            return n, torch.cat([context, r], 1), v
         return n, context, v
 
     def _replace(self, q, k, v, eo):
         st = self.st
         heads = eo["n_heads"]
-        t = 77
+        t = v.shape[1]
         if st.ref is None or k.shape[1] == t:
             return _sdpa(q, k, v, heads)
-        out, probs = attn_core.attention_with_probs(q, k[:, :t], v[:, :t], heads, st.tcols)
+        out, probs = attn_core.attention_with_probs(q, k[:, :t], v, heads, st.tcols)
         ref = attn_core.reference_probs(q, k[:, t:], heads, st.rcols) if st.rcols is not None else None
         if st.recording:  # off while gradient checkpointing recomputes a block (the first pass recorded it)
             st.records.append((eo["block"][0], eo["block"][1], eo.get("block_index", 0), probs, ref))

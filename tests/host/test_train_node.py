@@ -161,6 +161,31 @@ def _snapshot(module):
     return {k: (v, v.detach().clone()) for k, v in list(module.named_parameters()) + list(module.named_buffers())}
 
 
+def test_attention_capture_leaves_the_prediction_unchanged(host, sd15, pack, photo):
+    """At the loss sites the replace computes attention by hand (to read the probabilities) and the reference keys
+    ride along in the context: the U-Net's prediction must equal the uncaptured one, and every recorded map must be
+    a probability over the prompt's keys (reference maps: over the reference's keys)."""
+    th = pack.glue("training_host")
+    model, clip, vae = sd15
+    with th.training_context(model, clip):
+        step = th.SefiStep(model, clip, vae, th.fit_image(photo, RES), None,
+                           _settings(pack, attention_tokens="all"), "sks", 1)
+        init = step.text.initializer_embeddings("person")
+        tokens = {"clip_l": init["clip_l"].mean(0)[None, None, None].repeat(2, 2, 1, 1)}
+        x0 = step.latents[:1]
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+        t = torch.tensor([400])
+        with torch.no_grad():
+            plain, none, _ = step._forward(tokens, 0, x0, None, t, noise, False, step.columns)
+            captured, records, _ = step._forward(tokens, 0, x0, None, t, noise, True, step.columns)
+    assert none == [] and len(records) == len(step.unet.loss_keys) == len(step.unet.sites)
+    torch.testing.assert_close(captured, plain, rtol=1e-5, atol=1e-6)
+    for *_, probs, ref in records:
+        assert probs.shape[-1] == ref.shape[-1] == 77
+        torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+        torch.testing.assert_close(ref.sum(-1), torch.ones_like(ref.sum(-1)))
+
+
 def test_frozen_weights_untouched(host, sd15, pack, photo):
     model, clip, vae = sd15
     mods = [model.model, clip.cond_stage_model, vae.first_stage_model]
