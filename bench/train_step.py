@@ -8,10 +8,12 @@ work. Prints ms/step (median), the ratio (goal ≤ 1.15) and peak memory.
 
     python -m bench.train_step                      # tiny checkpoint on CPU, 64 px (builds it in .cache/tiny)
     python -m bench.train_step --full-sd15          # real-size SD1.5 UNet, random weights, 512 px — for GPU runs
+    python -m bench.train_step --identity 600       # also time a real default-length SeFiTrainIdentity run
     COMFYUI_PATH=/path/to/ComfyUI .venv-upstream/bin/python -m bench.train_step   # upstream host
 
 `--full-sd15` builds the SD1.5 UNet configuration (model_channels 320, channel_mult [1,2,4,4], 2 res blocks,
-16 cross-attention sites) with random weights in a temporary checkpoint; it is meant for a GPU (not run on CPU here).
+16 cross-attention sites) with random weights in a temporary checkpoint; it is meant for a GPU (on a CPU, use
+`--resolution 128` to keep a step within seconds).
 """
 from __future__ import annotations
 
@@ -52,6 +54,11 @@ def main(argv=None) -> int:
     ap.add_argument("--full-sd15", action="store_true", help="real-size SD1.5 UNet at 512 px (GPU)")
     ap.add_argument("--resolution", type=int, default=None)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per variant (after 2 warm-ups)")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                    help="compute precision of the frozen models (the node's `precision` input)")
+    ap.add_argument("--identity", type=int, default=0, metavar="N",
+                    help="afterwards, time a whole N-step SeFiTrainIdentity run with the node's defaults "
+                         "(600 = a default-length identity); 0 = skip")
     ap.add_argument("--separate-kv", action="store_true", help="SeFi encodes K and V in two CLIP forwards "
                     "(the pre-batching behaviour, for comparison)")
     args = ap.parse_args(argv)
@@ -97,7 +104,7 @@ def main(argv=None) -> int:
                 times.append(time.perf_counter() - t0)
         return statistics.median(times) * 1e3
 
-    with torch.inference_mode(), th.training_context(model, clip) as dtype:
+    with torch.inference_mode(), th.training_context(model, clip, args.precision) as dtype:
         device = model.load_device
         pixels = th.fit_image(image, res)
         init = th.TextEncoder(clip).initializer_embeddings("person")
@@ -134,7 +141,26 @@ def main(argv=None) -> int:
         print(f"{label:5s} {ms:9.1f} ms/step   peak memory {peak / 2**20:8.0f} MiB"
               f"{' (process RSS high-water mark)' if device.type == 'cpu' else ''}")
     print(f"ratio SeFi/TI = {sefi / ti:.3f} (goal <= 1.15){'  [K/V in two CLIP forwards]' if args.separate_kv else ''}")
+    if args.identity:
+        _time_identity(host, th, model, clip, vae, image, res, args)
     return 0
+
+
+def _time_identity(host, th, model, clip, vae, image, res: int, args) -> None:
+    """A real run of the node with its defaults (self-attention generator, 5 stages, K/V split, reference loss,
+    checkpoint every 100 steps) for `--identity` steps: wall time from the call to the saved file, and peak memory."""
+    device = model.load_device
+    th.reset_peak_memory(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    identity, _, name = host.run("SeFiTrainIdentity", model=model, clip=clip, vae=vae, images=image, name="bench",
+                                 steps=args.identity, resolution=res, precision=args.precision, overwrite=True)
+    seconds = time.perf_counter() - t0
+    print(f"identity: {args.identity} steps in {seconds:.1f} s ({seconds / args.identity * 1e3:.1f} ms/step "
+          f"including setup and checkpoints), peak memory {identity.training['peak_memory_bytes'] / 2**20:.0f} MiB, "
+          f"final loss {identity.training['final_loss']:.4f}, saved {name}"
+          f"{' (goal <= 20 s for 600 steps on a GPU)' if args.identity == 600 else ''}")
 
 
 if __name__ == "__main__":
