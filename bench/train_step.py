@@ -87,7 +87,7 @@ def main(argv=None) -> int:
 
     def run(step_fn, generator, settings):
         params = [p for p in generator.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=settings.lr, foreach=False)
+        opt = torch.optim.AdamW(params, lr=settings.lr, foreach=device.type != "cpu")  # as run_training
         rng = torch.Generator().manual_seed(0)
         times = []
         for i in range(args.steps + 2):
