@@ -141,10 +141,10 @@ class SeFiTrainIdentity:
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing identity file of "
                                           "the same name."}),
                 "precision": (list(PRECISION_CHOICES), {"default": "auto", "tooltip": "Compute dtype of the "
-                              "frozen U-Net: auto = fp32 on CPU, else the loaded model's dtype (fp16 becomes bf16 "
-                              "where supported). The weights are used in place when their dtype matches, else cast "
-                              "once (originals parked in RAM while training). fp16 uses dynamic loss scaling. The "
-                              "trained tokens always stay fp32; CLIP runs in fp32."}),
+                              "frozen U-Net: auto = fp32 on CPU, else the loaded model's own dtype, so its weights are "
+                              "used in place; another choice casts them once (originals parked in RAM while "
+                              "training). fp16 uses dynamic loss scaling. The trained tokens always stay fp32; "
+                              "CLIP runs in fp32."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute each U-Net "
                                            "block in the backward pass instead of keeping its activations: trades "
                                            "compute (~30% slower) for memory on large models/GPUs. Same result."}),

@@ -166,11 +166,12 @@ def safe_inplace_residuals(root: nn.Module):
 
 
 def compute_dtype(model, precision: str = "auto") -> torch.dtype:
-    """The dtype the frozen U-Net copy is stored and run in.
+    """The dtype the frozen U-Net is run in (its stand-ins are cast to it).
 
     "fp32" / "bf16" / "fp16" as asked; "auto" = float32 on CPU, else the loaded model's own compute dtype (its
-    manual-cast dtype, or its storage dtype), with fp16 replaced by bf16 where the device supports bf16 (fp16
-    gradients through a frozen U-Net underflow more easily; bf16 has fp32's range)."""
+    manual-cast dtype, or its storage dtype) — so the stored weights are used in place with no second copy in
+    device memory (SD1.5 loads as fp16 on most GPUs; fp16's narrow range is handled by the training loop's
+    dynamic loss scaling)."""
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"precision must be one of {list(PRECISION_CHOICES)}, got {precision!r}")
     if precision != "auto":
@@ -180,8 +181,6 @@ def compute_dtype(model, precision: str = "auto") -> torch.dtype:
         return torch.float32
     inner = model.model
     dtype = getattr(inner, "manual_cast_dtype", None) or inner.get_dtype()
-    if dtype == torch.float16 and getattr(device, "type", "") == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
     return dtype if dtype in DTYPE_NAMES else torch.float32
 
 

@@ -348,3 +348,21 @@ def test_precision_choices(host, sd15, pack, photo):
     assert next(unet.parameters()) is weight
     with pytest.raises(ValueError, match="precision"):
         _train(host, sd15, photo, name="prec_bad", steps=1, precision="int8")
+
+
+def test_auto_precision_follows_the_loaded_model(sd15, pack, monkeypatch):
+    """auto = fp32 on CPU; on an accelerator the model's own compute dtype (manual-cast dtype first), so that the
+    weights are used in place; explicit choices win."""
+    th = pack.glue("training_host")
+    model = sd15[0]
+    assert th.compute_dtype(model, "auto") == torch.float32
+    monkeypatch.setattr(model, "load_device", torch.device("cuda", 0))  # only read, never used for CUDA here
+    monkeypatch.setattr(model.model, "get_dtype", lambda: torch.float16)
+    monkeypatch.setattr(model.model, "manual_cast_dtype", None)
+    assert th.compute_dtype(model, "auto") == torch.float16
+    monkeypatch.setattr(model.model, "manual_cast_dtype", torch.bfloat16)
+    assert th.compute_dtype(model, "auto") == torch.bfloat16
+    monkeypatch.setattr(model.model, "get_dtype", lambda: torch.float8_e4m3fn)
+    monkeypatch.setattr(model.model, "manual_cast_dtype", None)
+    assert th.compute_dtype(model, "auto") == torch.float32
+    assert th.compute_dtype(model, "fp16") == torch.float16
