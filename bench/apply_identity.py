@@ -40,7 +40,7 @@ def main() -> None:
                            cwd=embedded_host.REPO_ROOT)
     (base / "models" / "checkpoints").mkdir(parents=True)
     (base / "models" / "checkpoints" / ckpt.name).symlink_to(ckpt.resolve())
-    host = embedded_host.boot_in_process(base)
+    host = embedded_host.boot_in_process(base, device="auto")  # the accelerator when there is one
     identity_mod = __import__(f"{host.pack_module.__name__}.sefi_core.identity", fromlist=["Identity"])
 
     model, clip, _ = host.run("CheckpointLoaderSimple", ckpt_name=ckpt.name)[:3]

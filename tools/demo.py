@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     (base / "models" / "sefi_identities").mkdir(parents=True)
 
     started = time.perf_counter()
-    host = embedded_host.boot_in_process(base)
+    host = embedded_host.boot_in_process(base, device="auto")  # train on the accelerator when there is one
     print(f"host: {embedded_host.host_label()}", flush=True)
     photo, source = load_photo(args.photo)
     print(f"face photo: {source}", flush=True)

@@ -40,16 +40,33 @@ def host_label() -> str:
     return f"upstream ComfyUI {version} at {path}"
 
 
-def import_host_modules() -> None:
-    """Make `comfy` importable from the chosen host and put it in CPU mode (before model_management loads)."""
+HOST_DEVICES = ("cpu", "auto")
+
+
+def import_host_modules(device: str = "cpu") -> None:
+    """Make `comfy` importable from the chosen host and choose its device before model_management loads (it
+    reads the flag once, at import): "cpu" for tests and checkpoint building (the same on every machine),
+    "auto" to let the host pick an accelerator as a user's ComfyUI does (benchmarks, the demo)."""
+    if device not in HOST_DEVICES:
+        raise ValueError(f"device must be one of {HOST_DEVICES}, got {device!r}")
     import tools.torchvision_shim  # noqa: F401  (must precede any torchvision import)
     upstream = comfyui_path()
     if upstream is not None and str(upstream) not in sys.path[:1]:
         sys.path.insert(0, str(upstream))
     import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    use_cpu = device == "cpu" or not _has_accelerator()  # the host without --cpu and without a GPU fails
+    mm = sys.modules.get("comfy.model_management")
+    if mm is not None and (mm.cpu_state == mm.CPUState.CPU) != use_cpu:
+        raise RuntimeError(f"the host's model management was already loaded for another device than {device!r}")
+    comfy.cli_args.args.cpu = use_cpu
     if upstream is None:
         comfy.cli_args.args.disable_known_models = True  # never try to download a checkpoint by name
+
+
+def _has_accelerator() -> bool:
+    import torch
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
+        torch.backends.mps.is_available()
 
 
 @dataclass
@@ -79,13 +96,13 @@ def link_pack(base_dir: Path) -> Path:
     return link
 
 
-def boot_in_process(base_dir: Path) -> InProcessHost:
+def boot_in_process(base_dir: Path, device: str = "cpu") -> InProcessHost:
     """Boot the host inside this process with `base_dir` as its base directory and load the pack from
-    `<base_dir>/custom_nodes` through the host's own custom-node loader."""
+    `<base_dir>/custom_nodes` through the host's own custom-node loader. `device`: see import_host_modules."""
     base_dir = Path(base_dir).resolve()
     pack_link = link_pack(base_dir)
     upstream = comfyui_path()
-    import_host_modules()
+    import_host_modules(device)
     import comfy.cli_args
     if "folder_paths" in sys.modules or "comfy.cmd.folder_paths" in sys.modules:
         raise RuntimeError("the host's folder_paths was imported before boot; its base directory is fixed then")

@@ -110,3 +110,22 @@ def test_server_lists_pack_nodes_and_renders_an_image(server, host, tiny_sd15):
     from PIL import Image
     with Image.open(files[0]) as im:
         assert im.size == (64, 64)
+
+
+def test_host_device_choice_for_benchmarks_and_demo():
+    """"cpu" (tests) puts the host in CPU mode; "auto" (benchmarks, demo) leaves the choice to the host, which on a
+    machine without an accelerator must still end up on the CPU rather than fail. Each in a fresh interpreter,
+    because the host reads the flag once, when its model management is imported."""
+    import subprocess
+    import sys
+    probe = ("import sys, torch; from tools import embedded_host as e; e.import_host_modules(sys.argv[1]); "
+             "import comfy.model_management as mm; print(mm.cpu_state.name, torch.cuda.is_available())")
+    for device in ("cpu", "auto"):
+        out = subprocess.run([sys.executable, "-c", probe, device], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=300, env=os.environ.copy())
+        assert out.returncode == 0, out.stderr[-2000:]
+        state, cuda = out.stdout.split()[-2:]
+        assert state == ("CPU" if device == "cpu" or cuda == "False" else "GPU"), out.stdout
+    bad = subprocess.run([sys.executable, "-c", probe, "gpu"], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0 and "device must be one of" in bad.stderr
