@@ -39,12 +39,15 @@ SD15_FULL_UNET = dict(tiny_checkpoints.SD15_UNET, channel_mult=[1, 2, 4, 4], num
 
 
 def _full_checkpoint(folder: Path) -> Path:
+    path = folder / "sd15-full-random.safetensors"
+    if path.exists():  # the builder is deterministic: a second bench in the same place reuses the file
+        return path
     old = tiny_checkpoints.SD15_UNET
     tiny_checkpoints.SD15_UNET = {k: v for k, v in SD15_FULL_UNET.items() if k not in ("attention_resolutions",
                                                                                        "num_head_channels",
                                                                                        "num_heads")}
     try:
-        return tiny_checkpoints.build_sd15(folder / "sd15-full-random.safetensors")
+        return tiny_checkpoints.build_sd15(path)
     finally:
         tiny_checkpoints.SD15_UNET = old
 
@@ -68,7 +71,7 @@ def main(argv=None) -> int:
     ckpt_dir = base / "models" / "checkpoints"
     ckpt_dir.mkdir(parents=True)
     if args.full_sd15:
-        embedded_host.import_host_modules()
+        embedded_host.import_host_modules("auto")
         src = _full_checkpoint(REPO / ".cache" / "full")
     else:
         src = REPO / ".cache" / "tiny" / tiny_checkpoints.SD15_NAME
@@ -76,7 +79,7 @@ def main(argv=None) -> int:
             import subprocess
             subprocess.run([sys.executable, "-m", "tools.tiny_checkpoints", str(src.parent)], cwd=REPO, check=True)
     (ckpt_dir / src.name).symlink_to(src)
-    host = embedded_host.boot_in_process(base)
+    host = embedded_host.boot_in_process(base, device="auto")  # the accelerator when there is one
     import importlib
     pkg = host.pack_module.__name__
     th = importlib.import_module(f"{pkg}.nodes.training_host")
