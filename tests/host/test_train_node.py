@@ -81,6 +81,42 @@ def test_manual_clip_matches_host_encode_and_has_gradient(host, sd15, pack):
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+def test_clip_gradient_keeps_no_widened_weight_copies(host, sd15, pack):
+    """CLIP is stored in fp16 and computed in fp32: during training its linears widen the weights per call, so what
+    autograd keeps for backward are the stored weights themselves (no fp32 copy of CLIP), and the text gradient
+    equals the one through a plain fp32 copy of CLIP run by the host's own layers."""
+    th = pack.glue("training_host")
+    model, clip, _ = sd15
+    text = clip.cond_stage_model
+    vec = torch.randn(1, 1, 768, generator=torch.Generator().manual_seed(1)) * 0.02
+
+    def encode_and_grad(saved):
+        enc = th.TextEncoder(clip)
+        p = enc.prompt(TEMPLATE, "sks", 1)
+        v = vec.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = enc.encode(torch.tensor([p.ids]), p.slots, v)
+        out.pow(2).mean().backward()
+        return v.grad.clone()
+
+    saved: list[torch.Tensor] = []
+    with torch.inference_mode():
+        with th.training_context(model, clip):
+            linears = [m for m in text.modules() if isinstance(m, torch.nn.Linear)]
+            assert {m.weight.dtype for m in linears} == {torch.float16}  # as the host stores CLIP
+            weight_ptrs = {m.weight.data_ptr() for m in linears}
+            shapes = {tuple(m.weight.shape) for m in linears}
+            grad = encode_and_grad(saved)
+        reference_saved: list[torch.Tensor] = []
+        with torch.inference_mode(False), torch.enable_grad(), th.frozen_copies([text], torch.float32):
+            reference = encode_and_grad(reference_saved)
+    weights_kept = [t for t in saved if t.dim() == 2 and tuple(t.shape) in shapes]
+    assert weights_kept and all(t.dtype == torch.float16 and t.data_ptr() in weight_ptrs for t in weights_kept)
+    assert any(t.dtype == torch.float32 and t.dim() == 2 and tuple(t.shape) in shapes for t in reference_saved)
+    torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-9)
+    assert all("forward" not in m.__dict__ for m in text.modules())
+
+
 @pytest.fixture(scope="module")
 def trained_off(host, sd15, photo):
     return _train(host, sd15, photo, name="off", steps=8, stages=1, learning_rate=0.05, attention_loss="off",
