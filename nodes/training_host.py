@@ -27,7 +27,7 @@ import resource
 import types
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -133,36 +133,44 @@ def _unpack(t: Tensor) -> Tensor:
     return t
 
 
-def restore_forwards(wrapped: list[tuple[nn.Module, object]]) -> None:
-    """Undo temporary instance `forward` overrides, newest first: delete ours, or put back an earlier one."""
-    for mod, previous in reversed(wrapped):
-        if previous is None:
-            del mod.forward
-        else:
-            mod.forward = previous
-
-
 @contextlib.contextmanager
-def safe_inplace_residuals(root: nn.Module):
-    """Wrap the forward of every sub-module whose host forward does `x += n` so that tensors saved for backward
-    inside it are clones (see the module docstring); removed on exit."""
+def temporary_forwards(root: nn.Module, make_forward: Callable[[nn.Module], Callable | None]):
+    """For the duration, every sub-module of `root` for which `make_forward(module)` returns a function gets it as
+    its instance `forward` (the host's class forward is untouched); on exit, newest first, ours is deleted or an
+    earlier instance forward put back, whatever happens. Yields how many modules were given one."""
     wrapped: list[tuple[nn.Module, object]] = []
     try:
         for mod in root.modules():
-            if not _adds_residual_in_place(type(mod)):
+            forward = make_forward(mod)
+            if forward is None:
                 continue
-            previous = mod.__dict__.get("forward")
-            original = mod.forward
-
-            def forward(*args, __orig=original, **kwargs):
-                with torch.autograd.graph.saved_tensors_hooks(_pack_clone, _unpack):
-                    return __orig(*args, **kwargs)
-
+            wrapped.append((mod, mod.__dict__.get("forward")))
             mod.forward = forward
-            wrapped.append((mod, previous))
         yield len(wrapped)
     finally:
-        restore_forwards(wrapped)
+        for mod, previous in reversed(wrapped):
+            if previous is None:
+                del mod.forward
+            else:
+                mod.forward = previous
+
+
+def _cloning_saved_tensors(mod: nn.Module) -> Callable | None:
+    if not _adds_residual_in_place(type(mod)):
+        return None
+    original = mod.forward
+
+    def forward(*args, **kwargs):
+        with torch.autograd.graph.saved_tensors_hooks(_pack_clone, _unpack):
+            return original(*args, **kwargs)
+
+    return forward
+
+
+def safe_inplace_residuals(root: nn.Module):
+    """Wrap the forward of every sub-module whose host forward does `x += n` so that tensors saved for backward
+    inside it are clones (see the module docstring); removed on exit."""
+    return temporary_forwards(root, _cloning_saved_tensors)
 
 
 class _WidenedLinear(torch.autograd.Function):
@@ -192,25 +200,16 @@ def _has_weight_functions(mod: nn.Module) -> bool:
     return False
 
 
-@contextlib.contextmanager
+def _widened(mod: nn.Module) -> Callable | None:
+    if not isinstance(mod, nn.Linear) or _has_weight_functions(mod):
+        return None
+    return lambda x: _WidenedLinear.apply(x, mod.weight, mod.bias)
+
+
 def widened_linears(root: nn.Module):
     """Run every nn.Linear under `root` through `_WidenedLinear` for the duration (instance `forward`, removed on
     exit). Layers with call-time weight patches keep the host's forward, which applies them."""
-    wrapped: list[tuple[nn.Module, object]] = []
-    try:
-        for mod in root.modules():
-            if not isinstance(mod, nn.Linear) or _has_weight_functions(mod):
-                continue
-            previous = mod.__dict__.get("forward")
-
-            def forward(x, __mod=mod):
-                return _WidenedLinear.apply(x, __mod.weight, __mod.bias)
-
-            mod.forward = forward
-            wrapped.append((mod, previous))
-        yield len(wrapped)
-    finally:
-        restore_forwards(wrapped)
+    return temporary_forwards(root, _widened)
 
 
 def compute_dtype(model, precision: str = "auto") -> torch.dtype:
@@ -558,22 +557,18 @@ class UnetStep:
         state and restores it (with attention recording off, so the loss maps are not recorded twice) while the
         block is recomputed. Blocks whose host forward adds residuals in place (0.0.1) run both passes under
         `_OutOfPlaceAdds` (same arithmetic, new tensors), because a recomputation would otherwise overwrite the
-        tensors it just saved. Instance attributes are restored on exit (as in safe_inplace_residuals)."""
-        wrapped: list[tuple[nn.Module, object]] = []
+        tensors it just saved. Instance attributes are restored on exit (temporary_forwards)."""
         st = self.st
-        try:
-            if enabled:
-                for mod in self.model.model.diffusion_model.modules():
-                    if type(mod).__name__ not in _CHECKPOINT_CLASSES:
-                        continue
-                    previous = mod.__dict__.get("forward")
-                    inplace = _adds_residual_in_place(type(mod))
-                    base = types.MethodType(type(mod).forward, mod) if inplace else mod.forward
-                    mod.forward = _checkpointed(base, mod.forward, inplace, st)
-                    wrapped.append((mod, previous))
-            yield len(wrapped)
-        finally:
-            restore_forwards(wrapped)
+
+        def make_forward(mod: nn.Module) -> Callable | None:
+            if not enabled or type(mod).__name__ not in _CHECKPOINT_CLASSES:
+                return None
+            inplace = _adds_residual_in_place(type(mod))
+            base = types.MethodType(type(mod).forward, mod) if inplace else mod.forward
+            return _checkpointed(base, mod.forward, inplace, st)
+
+        with temporary_forwards(self.model.model.diffusion_model, make_forward) as count:
+            yield count
 
 
 _CHECKPOINT_CLASSES = frozenset({"BasicTransformerBlock", "ResBlock"})
