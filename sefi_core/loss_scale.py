@@ -43,14 +43,11 @@ class DynamicLossScale:
         return loss * self.scale
 
     def unscale_(self, params: Iterable[torch.nn.Parameter]) -> bool:
-        """Divide every gradient by the scale in place; True when all of them are finite."""
-        finite = True
-        for p in params:
-            if p.grad is None:
-                continue
-            p.grad.div_(self.scale)
-            finite = finite and bool(torch.isfinite(p.grad).all())
-        return finite
+        """Divide every gradient by the scale in place; True when all of them are finite (one device sync)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        for g in grads:
+            g.div_(self.scale)
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
     def update(self, finite: bool) -> None:
         """After a step: halve on overflow (that step's update is skipped by the caller), grow after a run of

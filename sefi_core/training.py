@@ -309,21 +309,21 @@ def _trainable(generator: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def _on_cpu(params: list[nn.Parameter]) -> bool:
-    return all(p.device.type == "cpu" for p in params)
+def _use_foreach(params: list[nn.Parameter]) -> bool:
+    """CPU: the single-tensor path, whose bits do not depend on how parameters are grouped (exact resume is
+    tested there). Accelerators: the multi-tensor path — a step there is launch-bound, and a per-tensor loop
+    over the generator's parameters costs ~10 kernel launches each."""
+    return not all(p.device.type == "cpu" for p in params)
 
 
 def _make_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torch.optim.AdamW:
-    # CPU: the single-tensor path, whose bits do not depend on how parameters are grouped (exact resume is
-    # tested there). Accelerators: the multi-tensor path — a step there is launch-bound, and a per-tensor
-    # loop over the generator's parameters costs ~10 kernel launches each.
     return torch.optim.AdamW(
         params,
         lr=settings.lr,
         betas=settings.adam_betas,
         eps=settings.adam_eps,
         weight_decay=settings.weight_decay,
-        foreach=not _on_cpu(params),
+        foreach=_use_foreach(params),
     )
 
 
@@ -408,6 +408,7 @@ def run_training(
     if step0 > settings.steps:
         raise ValueError(f"the checkpoint is at step {step0}, beyond steps={settings.steps}; raise steps to continue")
 
+    foreach = _use_foreach(params)
     scaler = DynamicLossScale.for_precision(settings.precision)
     if scaler is not None and start_state is not None and start_state.loss_scale:
         scaler = DynamicLossScale.from_state_dict(start_state.loss_scale)
@@ -463,7 +464,7 @@ def run_training(
                 overflow = scaler is not None and not scaler.unscale_(params)
                 max_norm = settings.grad_clip_norm if settings.grad_clip_norm > 0 else math.inf
                 grad_norm = math.inf if overflow else float(
-                    torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=not _on_cpu(params)))
+                    torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach))
                 if scaler is not None:
                     parts["loss_scale"] = scaler.scale
                     scaler.update(not overflow)
