@@ -145,15 +145,14 @@ def main(argv=None) -> int:
               f"{' (process RSS high-water mark)' if device.type == 'cpu' else ''}")
     print(f"ratio SeFi/TI = {sefi / ti:.3f} (goal <= 1.15){'  [K/V in two CLIP forwards]' if args.separate_kv else ''}")
     if args.identity:
-        _time_identity(host, th, model, clip, vae, image, res, args)
+        _time_identity(host, model, clip, vae, image, res, args)
     return 0
 
 
-def _time_identity(host, th, model, clip, vae, image, res: int, args) -> None:
+def _time_identity(host, model, clip, vae, image, res: int, args) -> None:
     """A real run of the node with its defaults (self-attention generator, 5 stages, K/V split, reference loss,
     checkpoint every 100 steps) for `--identity` steps: wall time from the call to the saved file, and peak memory."""
     device = model.load_device
-    th.reset_peak_memory(device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
