@@ -23,7 +23,7 @@ STAMP := $(VENV)/.sefi-ready
 
 setup: $(STAMP)
 
-$(STAMP): constraints.txt requirements.txt requirements-dev.txt $(HOST_REQS)
+$(STAMP): constraints.txt requirements.txt requirements-dev.txt requirements-insightface.txt $(HOST_REQS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0 $(QUIET)
 ifdef COMFYUI_PATH
@@ -33,7 +33,10 @@ else
 	$(PIP) install -c constraints.txt comfyui==0.0.1 $(QUIET)
 endif
 	$(PIP) install -c constraints.txt -r requirements.txt -r requirements-dev.txt $(QUIET)
-	$(PY) -c "import torch, safetensors, dlib, face_recognition_models, pytest"
+	$(PIP) install --no-deps -r requirements-insightface.txt $(QUIET)
+	rm -rf $(VENV)/insightface-0.7.3  # not --upgrade: the wheel's data files would replace its package folder
+	$(PIP) install --no-deps --target $(VENV)/insightface-0.7.3 insightface==0.7.3 $(QUIET)
+	$(PY) -c "import torch, safetensors, dlib, face_recognition_models, pytest, insightface.app"
 	$(MAKE) --no-print-directory browser
 	touch $(STAMP)
 

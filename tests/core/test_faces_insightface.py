@@ -1,5 +1,9 @@
-"""insightface backend: pack discovery and its error messages (temp folders with fake .onnx names), provider
-choice, the adapter on a fake FaceAnalysis, the ``auto`` rule, and real inference only when a pack exists."""
+"""insightface backend: pack discovery and its error messages (temp folders with empty .onnx names), provider
+choice, and the real insightface library end to end (insightface.app.FaceAnalysis and its model zoo) on
+synthetic packs from tools/synthetic_insightface.py, whose detector and recogniser give known answers.
+
+Stand-ins remain only where the real library cannot go on a CPU machine, and each says so: a CUDA provider
+that fails to start, and a detector that misses a face filling the frame (the synthetic one never misses)."""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from sefi_core.faces import (
     resolve_backend_name,
 )
 from sefi_core.faces.backends import insightface_backend as ifb
+from tools import synthetic_insightface as synthetic
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -144,148 +149,251 @@ def test_missing_insightface_package_says_how_to_install(monkeypatch, tmp_path):
     assert "'dlib' backend" in message
 
 
-# --------------------------------------------------------------------------------------------- adapter on a fake app
+# --------------------------------------------------------------------------------------------- the real library
+
+SKIN = (200, 150, 120)  # asymmetric in R and B, so a channel-order slip changes the embedding
+OTHER_SKIN = (90, 160, 210)
+BACKGROUND = (60, 90, 200)
+SIDE = 320  # image side: 2x up to the detector's 640, so the beacon is 16 px here
+CELL = (9, 8)  # the beacon's stride-32 cell (column, row) in the detector input
 
 
-class FakeRawFace:
-    """Stands in for insightface.app.common.Face (attributes, missing ones are None)."""
+@pytest.fixture(scope="session")
+def insightface_lib():
+    """The real package: the dev venv installs it (requirements-insightface.txt); its absence is a set-up error."""
+    assert ifb.insightface_importable(), "insightface/onnxruntime missing from the dev venv: run `make setup`"
+    import insightface
 
-    def __init__(self, x0, y0, size=100.0, landmarks=True, embedding=True):
-        self.bbox = np.array([x0, y0, x0 + size, y0 + size * 1.2], np.float32)
-        self.det_score = np.float32(0.9)
-        self.kps = np.array([[x0 + 30, y0 + 45], [x0 + 70, y0 + 45], [x0 + 50, y0 + 65],
-                             [x0 + 35, y0 + 85], [x0 + 65, y0 + 85]], np.float32)
-        self.landmark_2d_106 = (np.random.default_rng(0).uniform(0, size, (106, 2)) + [x0, y0]).astype(np.float32) \
-            if landmarks else None
-        self.embedding = np.linspace(-1, 1, 512).astype(np.float32) if embedding else None
-
-
-class FakeApp:
-    def __init__(self, results):
-        self.results = list(results)
-        self.seen = []
-
-    def get(self, img):
-        self.seen.append(img)
-        return self.results.pop(0) if self.results else []
+    # test_faces_insightface_073.py reruns this file on insightface 0.7.3 and says so here
+    expected = os.environ.get("SEFI_EXPECT_INSIGHTFACE_VERSION")
+    assert expected in (None, insightface.__version__), f"expected insightface {expected}, got {insightface.__file__}"
+    return insightface
 
 
-@pytest.fixture()
-def fake_insightface(monkeypatch, tmp_path):
-    root = tmp_path / "insightface"
-    make_pack(root / "models" / "antelopev2")
-    created = []
-
-    def install(results):
-        app = FakeApp(results)
-
-        def create(root_, pack, providers, ctx_id, det_size):
-            created.append((root_, pack, providers, ctx_id, det_size))
-            return app
-
-        monkeypatch.setattr(ifb, "insightface_importable", lambda: True)
-        monkeypatch.setattr(ifb, "_available_providers", lambda: ["CPUExecutionProvider"])
-        monkeypatch.setattr(ifb, "_create_app", create)
-        monkeypatch.setattr(ifb, "_apps", {})
-        return app
-
-    return root, install, created
+@pytest.fixture(scope="session")
+def pack_root(insightface_lib):
+    """`pack_root(pack)`: an insightface root holding a synthetic pack (built once into .cache/insightface)."""
+    return lambda pack="antelopev2": synthetic.cached_root(pack)
 
 
-def test_adapter_converts_faces_and_feeds_bgr(fake_insightface):
-    root, install, created = fake_insightface
-    app = install([[FakeRawFace(200, 50), FakeRawFace(20, 40, landmarks=False)]])
-    backend = InsightFaceBackend([root], "antelopev2", device="cuda")  # no CUDA provider -> CPU
-    image = np.zeros((300, 400, 3), np.uint8)
-    image[..., 0] = 255  # pure red in RGB
-    faces = backend.detect(image)
-    assert created == [(root, "antelopev2", ["CPUExecutionProvider"], -1, 640)]
-    assert app.seen[0][0, 0].tolist() == [0, 0, 255]  # insightface got BGR
-    assert len(faces) == 2 and backend.name == "insightface:antelopev2"
-    first = faces[0]
-    assert first.bbox == pytest.approx((200, 50, 300, 170)) and first.score == pytest.approx(0.9)
-    assert first.landmarks.shape == (106, 2) and first.landmarks_kind == "insightface-106"
-    assert first.descriptor.shape == (512,) and first.descriptor_kind == "insightface-arcface-512"
-    assert faces[1].landmarks is None and faces[1].landmarks_kind is None
+@pytest.fixture(autouse=True)
+def fresh_apps(monkeypatch):
+    monkeypatch.setattr(ifb, "_apps", {})  # each test builds its own FaceAnalysis
 
 
-def test_adapter_drops_descriptors_on_request_and_caches_the_app(fake_insightface):
-    root, install, created = fake_insightface
-    install([[FakeRawFace(10, 10)], [FakeRawFace(10, 10)]])
-    backend = InsightFaceBackend([root])
-    assert backend.detect(np.zeros((200, 200, 3), np.uint8), descriptors=False)[0].descriptor is None
-    InsightFaceBackend([root]).detect(np.zeros((200, 200, 3), np.uint8))
-    assert len(created) == 1  # one FaceAnalysis per (root, pack, providers, ctx, det_size)
+def scene(*faces: tuple[tuple[int, int], tuple[int, int, int]], side: int = SIDE):
+    """An RGB image with synthetic faces ``(cell, skin colour)`` and what the detector will report for each."""
+    image = np.full((side, side, 3), BACKGROUND, np.uint8)
+    return image, [synthetic.paint_face(image, cell, rgb) for cell, rgb in faces]
 
 
-def test_adapter_retries_a_miss_on_a_padded_copy(fake_insightface):
-    root, install, _ = fake_insightface
-    app = install([[], [FakeRawFace(150, 160)]])
-    faces = InsightFaceBackend([root]).detect(np.zeros((200, 400, 3), np.uint8))
-    pad = round(400 * ifb.PAD_RETRY_FRACTION)
-    assert app.seen[1].shape == (200 + 2 * pad, 400 + 2 * pad, 3)
-    assert faces[0].bbox[:2] == pytest.approx((150 - pad, 160 - pad))
-    assert faces[0].kps[0] == pytest.approx((180 - pad, 205 - pad))
+def cosine(a, b) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def test_auto_prefers_insightface_only_when_usable(monkeypatch, tmp_path):
-    root = tmp_path / "insightface"
-    monkeypatch.setattr(ifb, "insightface_importable", lambda: True)
-    assert resolve_backend_name("auto", [root])[0] == "dlib"  # no pack
-    make_pack(root / "models" / "antelopev2")
+@pytest.mark.parametrize("pack", sorted(synthetic.PACK_FILES))
+def test_model_zoo_routes_the_synthetic_pack_like_a_real_one(pack_root, pack):
+    """What the builder promises, checked on insightface itself with every module of the pack enabled."""
+    from insightface.app import FaceAnalysis
+
+    root = pack_root(pack)
+    assert set(find_insightface_pack(pack, [root]).onnx_files) == set(KNOWN_PACKS[pack])
+    app = FaceAnalysis(name=pack, root=str(root), providers=["CPUExecutionProvider"])
+    app.prepare(ctx_id=-1, det_size=(640, 640))
+    assert set(app.models) == {"detection", "recognition", "landmark_2d_106", "landmark_3d_68", "genderage"}
+    image, (expected,) = scene((CELL, SKIN))
+    (face,) = app.get(np.ascontiguousarray(image[:, :, ::-1]))
+    assert face.bbox == pytest.approx(expected["bbox"], abs=1e-3)
+    assert face.kps == pytest.approx(expected["kps"], abs=1e-3)
+    assert face.det_score > 0.99
+    assert face.embedding == pytest.approx(synthetic.embedding_for(SKIN), abs=1e-4)
+    assert face.landmark_2d_106 == pytest.approx(synthetic.expected_landmarks_106(face.bbox), abs=1e-3)
+    assert (face.sex, face.age) == ("M", synthetic.AGE)
+    assert app.get(np.full((SIDE, SIDE, 3), 128, np.uint8)) == []
+
+
+@pytest.mark.parametrize("pack", sorted(synthetic.PACK_FILES))
+def test_backend_reports_the_faces_the_detector_put_there(pack_root, pack):
+    image, expected = scene(((15, 4), OTHER_SKIN), ((4, 12), SKIN))
+    backend = InsightFaceBackend([pack_root(pack)], pack)
+    assert backend.name == f"insightface:{pack}" and backend.providers == ["CPUExecutionProvider"]
+    faces = sorted(backend.detect(image), key=lambda f: f.bbox[0])  # left to right: the SKIN face first
+    assert len(faces) == 2
+    for face, want, rgb in zip(faces, expected[::-1], (SKIN, OTHER_SKIN)):
+        assert face.bbox == pytest.approx(tuple(want["bbox"]), abs=1e-3)
+        assert face.kps == pytest.approx(want["kps"], abs=1e-3)
+        assert face.score > 0.99 and face.backend == "insightface"
+        assert face.landmarks.shape == (106, 2) and face.landmarks_kind == "insightface-106"
+        assert face.landmarks == pytest.approx(synthetic.expected_landmarks_106(want["bbox"]), abs=1e-3)
+        # the recogniser saw the skin in RGB order: the adapter handed insightface BGR, as it expects
+        assert face.descriptor_kind == "insightface-arcface-512"
+        assert face.descriptor == pytest.approx(synthetic.embedding_for(rgb), abs=1e-4)
+    assert backend.detect(image, descriptors=False)[0].descriptor is None
+    InsightFaceBackend([pack_root(pack)], pack).detect(image)
+    assert len(ifb._apps) == 1  # one FaceAnalysis per (root, pack, providers, ctx, det_size)
+
+
+def test_pack_without_the_landmark_model_gives_faces_without_landmarks(pack_root, tmp_path):
+    import shutil
+
+    shutil.copytree(pack_root("buffalo_l"), tmp_path, dirs_exist_ok=True)
+    (tmp_path / "models" / "buffalo_l" / "2d106det.onnx").unlink()
+    image, (expected,) = scene((CELL, SKIN))
+    (face,) = InsightFaceBackend([tmp_path], "buffalo_l").detect(image)
+    assert face.landmarks is None and face.landmarks_kind is None
+    assert face.bbox == pytest.approx(tuple(expected["bbox"]), abs=1e-3)
+
+
+def test_no_face_comes_back_empty_after_the_padded_retry(pack_root, monkeypatch):
+    seen = []
+    backend = InsightFaceBackend([pack_root()])
+    app = ifb._get_app(backend.location, backend.providers, backend.ctx_id, backend.det_size)
+    real_get = app.get
+    monkeypatch.setattr(app, "get", lambda img: seen.append(img.shape) or real_get(img))
+    assert backend.detect(np.full((SIDE, SIDE, 3), BACKGROUND, np.uint8)) == []
+    pad = round(SIDE * ifb.PAD_RETRY_FRACTION)
+    assert seen == [(SIDE, SIDE, 3), (SIDE + 2 * pad, SIDE + 2 * pad, 3)]
+
+
+def test_a_miss_is_retried_on_a_padded_copy_and_shifted_back(pack_root, monkeypatch):
+    """Stand-in: real detectors miss a face that fills the whole frame, the synthetic one never misses, so the
+    first call is made to miss. The retry is the real library on the padded copy."""
+    side = 640
+    pad = round(side * ifb.PAD_RETRY_FRACTION)
+    padded_side = side + 2 * pad  # 960: the detector sees it at 2/3 scale
+    # a face whose beacon lands on cell (9, 8) of the *padded* copy's detector input
+    padded, (in_padded,) = scene((CELL, SKIN), side=padded_side)
+    image = np.ascontiguousarray(padded[pad:pad + side, pad:pad + side])
+    backend = InsightFaceBackend([pack_root()])
+    app = ifb._get_app(backend.location, backend.providers, backend.ctx_id, backend.det_size)
+    real_get, calls = app.get, []
+
+    def first_misses(img):
+        calls.append(img.shape)
+        return [] if len(calls) == 1 else real_get(img)
+
+    monkeypatch.setattr(app, "get", first_misses)
+    (face,) = backend.detect(image)
+    assert calls == [(side, side, 3), (padded_side, padded_side, 3)]
+    assert face.bbox == pytest.approx(tuple(in_padded["bbox"] - pad), abs=1e-3)
+    assert face.kps == pytest.approx(in_padded["kps"] - pad, abs=1e-3)
+
+
+def test_auto_picks_insightface_when_the_package_and_pack_are_there(pack_root, tmp_path):
+    root = pack_root("antelopev2")
+    assert resolve_backend_name("auto", [tmp_path / "empty"])[0] == "dlib"  # no pack
     assert resolve_backend_name("auto", [root]) == ("insightface", "auto: insightface pack 'antelopev2' found")
-    assert resolve_backend_name("auto", [root], "buffalo_l")[0] == "dlib"
-    monkeypatch.setattr(ifb, "insightface_importable", lambda: False)
-    assert resolve_backend_name("auto", [root])[0] == "dlib"
+    assert resolve_backend_name("auto", [root], "buffalo_l")[0] == "dlib"  # that root holds antelopev2 only
+    engine = get_backend("auto", insightface_roots=[tmp_path / "empty", root])
+    assert isinstance(engine, InsightFaceBackend) and engine.location.root == root
     assert resolve_backend_name("DLIB")[0] == "dlib"
     with pytest.raises(ValueError, match="auto, insightface, dlib"):
         resolve_backend_name("mediapipe")
 
 
-def test_explicit_insightface_without_pack_raises_before_loading(monkeypatch, tmp_path):
-    monkeypatch.setattr(ifb, "insightface_importable", lambda: True)
-    monkeypatch.setattr(ifb, "_create_app", lambda *a: pytest.fail("FaceAnalysis must not be reached"))
+def test_explicit_insightface_without_pack_raises_before_loading(tmp_path, insightface_lib):
     with pytest.raises(FaceBackendUnavailable, match="not found"):
         get_backend("insightface", insightface_roots=[tmp_path])
+    assert ifb._apps == {}
 
 
-# --------------------------------------------------------------------------------------------- real inference
+def test_cuda_request_on_a_cpu_onnxruntime_runs_on_the_cpu(pack_root):
+    import onnxruntime
+
+    assert "CUDAExecutionProvider" not in onnxruntime.get_available_providers()  # the CPU build of the dev venv
+    image, (expected,) = scene((CELL, SKIN))
+    backend = InsightFaceBackend([pack_root()], device="cuda:0")
+    assert (backend.providers, backend.ctx_id) == (["CPUExecutionProvider"], -1)
+    (face,) = backend.detect(image)
+    assert face.bbox == pytest.approx(tuple(expected["bbox"]), abs=1e-3)
 
 
-def _real_roots() -> list[Path]:
-    roots = [Path(p) for p in os.environ.get("SEFI_INSIGHTFACE_ROOTS", "").split(os.pathsep) if p]
-    roots += [REPO / "models" / "insightface", REPO.parent / "ComfyUI" / "models" / "insightface"]
-    return roots
+def test_cuda_provider_that_fails_to_start_falls_back_to_the_cpu(pack_root, monkeypatch, caplog):
+    """Stand-in: a CPU machine has no CUDA provider to fail, so onnxruntime is made to offer one and its session
+    constructor to fail for it (as onnxruntime-gpu does on a CUDA/cuDNN mismatch). insightface, its model zoo and
+    the CPU retry are real."""
+    import onnxruntime
 
+    real_init, attempts = onnxruntime.InferenceSession.__init__, []
 
-def test_real_insightface_inference_on_the_astronaut():
-    if not ifb.insightface_importable():
-        pytest.skip("insightface/onnxruntime not installed (pip install insightface onnxruntime to run this)")
-    pack = next((p for p in KNOWN_PACKS if find_insightface_pack(p, _real_roots())), None)
-    if pack is None:
-        pytest.skip(f"no insightface model pack in {', '.join(map(str, _real_roots()))} (set SEFI_INSIGHTFACE_ROOTS)")
-    skimage_data = pytest.importorskip("skimage.data")
-    backend = InsightFaceBackend(_real_roots(), pack)
-    faces = backend.detect(skimage_data.astronaut())
-    assert len(faces) == 1
-    face = faces[0]
-    assert face.descriptor is not None and face.descriptor.shape == (512,)
-    assert abs(face.eye_angle_degrees) < 15
-
-
-def test_cuda_failure_falls_back_to_cpu(fake_insightface, monkeypatch):
-    root, install, created = fake_insightface
-    app = install([[FakeRawFace(10, 10)]])
-    calls = []
-
-    def create(root_, pack, providers, ctx_id, det_size):
-        calls.append((providers, ctx_id))
-        if "CUDAExecutionProvider" in providers:
-            raise RuntimeError("LoadLibrary failed with error 126")
-        return app
+    def init(self, path_or_bytes, sess_options=None, providers=None, *args, **kwargs):
+        names = [p[0] if isinstance(p, tuple) else p for p in providers or []]
+        attempts.append(names)
+        if "CUDAExecutionProvider" in names:
+            raise RuntimeError("LoadLibrary failed with error 126 (onnxruntime_providers_cuda.dll)")
+        real_init(self, path_or_bytes, sess_options, providers, *args, **kwargs)
 
     monkeypatch.setattr(ifb, "_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(ifb, "_create_app", create)
-    faces = InsightFaceBackend([root], device="cuda").detect(np.zeros((100, 100, 3), np.uint8))
-    assert len(faces) == 1
-    assert calls == [(["CUDAExecutionProvider", "CPUExecutionProvider"], 0), (["CPUExecutionProvider"], -1)]
+    monkeypatch.setattr(onnxruntime.InferenceSession, "__init__", init)
+    image, (expected,) = scene((CELL, SKIN))
+    backend = InsightFaceBackend([pack_root()], device="cuda")
+    assert backend.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    with caplog.at_level("WARNING", logger=ifb.__name__):
+        (face,) = backend.detect(image)
+    assert attempts[0] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert attempts[-1] == ["CPUExecutionProvider"]
+    assert "falling back to the CPU provider" in caplog.text
+    assert face.bbox == pytest.approx(tuple(expected["bbox"]), abs=1e-3)
+    assert face.descriptor == pytest.approx(synthetic.embedding_for(SKIN), abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- masks, crops, identity
+
+
+def test_masks_and_aligned_crops_sit_where_the_detector_put_the_face(pack_root):
+    from sefi_core.faces import FaceMaskOptions, build_face_outputs, template_points, transform_points
+
+    image, (expected,) = scene((CELL, SKIN))
+    x0, y0, x1, y1 = expected["bbox"]
+    for shape in ("box", "ellipse", "landmark_hull"):
+        options = FaceMaskOptions(backend="auto", insightface_roots=(str(pack_root()),), mask_shape=shape,
+                                  crop_size=128, crop_margin=0.25)
+        out = build_face_outputs(image, options)
+        assert out.backend == "insightface:antelopev2" and out.face_counts == [1]
+        mask = out.masks[0]
+        ys, xs = np.nonzero(mask > 0.5)
+        # centred on the box horizontally, inside it below, reaching above it only for the forehead
+        assert xs.mean() == pytest.approx((x0 + x1) / 2, abs=3), shape
+        assert xs.min() >= x0 - 2 and xs.max() <= x1 + 2 and ys.max() <= y1 + 2, shape
+        assert mask[int(expected["kps"][2][1]), int(expected["kps"][2][0])] == 1.0  # the nose tip
+        assert mask[: max(int(y0) - 60, 0)].sum() == 0 and mask[:, : int(x0) - 5].sum() == 0
+        # the crop puts the five points on the template and shows the face: beacon in the middle, skin around
+        matrix = out.crop_matrices[0]
+        assert transform_points(expected["kps"], matrix) == pytest.approx(template_points(128, 0.25), abs=0.05)
+        crop = out.crops[0]
+        centre = transform_points(((expected["bbox"][:2] + expected["bbox"][2:]) / 2)[None], matrix)[0]
+        assert crop[int(centre[1]), int(centre[0])] == pytest.approx(np.array(synthetic.BEACON_RGB) / 255, abs=0.02)
+        assert crop[8, 64] == pytest.approx(np.array(SKIN) / 255, abs=0.02)  # forehead
+
+
+def test_no_face_path_skips_or_raises(pack_root):
+    from sefi_core.faces import FaceMaskOptions, NoFaceError, build_face_outputs
+
+    with_face, _ = scene((CELL, SKIN))
+    blank = np.full_like(with_face, 128)
+    roots = (str(pack_root()),)
+    out = build_face_outputs(np.stack([with_face, blank]), FaceMaskOptions(backend="insightface",
+                                                                        insightface_roots=roots))
+    assert out.face_counts == [1, 0] and out.images_without_face == [1] and len(out.crops) == 1
+    assert out.masks[1].sum() == 0 and "No face used in image(s) 1 of 2" in out.warnings[0]
+    with pytest.raises(NoFaceError, match="image\\(s\\) 1 of a batch of 2"):
+        build_face_outputs(np.stack([with_face, blank]),
+                           FaceMaskOptions(backend="insightface", insightface_roots=roots, on_no_face="error"))
+
+
+def test_identity_similarity_is_the_cosine_of_the_chosen_embeddings(pack_root):
+    from sefi_core import eval as ev
+    from sefi_core.faces import descriptor_distance
+
+    backend = InsightFaceBackend([pack_root()])
+    same, _ = scene((CELL, SKIN))
+    moved, _ = scene(((4, 3), SKIN))  # same person elsewhere in the frame
+    other, _ = scene((CELL, OTHER_SKIN))
+    a, b, c = (backend.detect(im)[0] for im in (same, moved, other))
+    expected = cosine(synthetic.embedding_for(SKIN), synthetic.embedding_for(OTHER_SKIN))
+    assert descriptor_distance(a, b) == pytest.approx(0.0, abs=1e-6)
+    assert 1 - descriptor_distance(a, c) == pytest.approx(expected, abs=1e-5)
+    report = ev.evaluate([moved, other], [same], backend=backend)
+    sims = [row.similarity for row in report.images]
+    assert sims == pytest.approx([1.0, expected], abs=1e-5)
+    assert report.mean_similarity == pytest.approx((1.0 + expected) / 2, abs=1e-5)
