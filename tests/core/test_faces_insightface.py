@@ -196,8 +196,15 @@ def test_model_zoo_routes_the_synthetic_pack_like_a_real_one(pack_root, pack):
     """What the builder promises, checked on insightface itself with every module of the pack enabled."""
     from insightface.app import FaceAnalysis
 
+    from insightface.model_zoo import model_zoo
+
     root = pack_root(pack)
     assert set(find_insightface_pack(pack, [root]).onnx_files) == set(KNOWN_PACKS[pack])
+    tasks = {"detector": "detection", "recognition": "recognition", "landmark_2d_106": "landmark_2d_106",
+             "landmark_3d_68": "landmark_3d_68", "genderage": "genderage"}
+    for role, name in synthetic.PACK_FILES[pack].items():  # the zoo routes each file by its signature alone
+        model = model_zoo.get_model(str(root / "models" / pack / name), providers=["CPUExecutionProvider"])
+        assert model.taskname == tasks[role], name
     app = FaceAnalysis(name=pack, root=str(root), providers=["CPUExecutionProvider"])
     app.prepare(ctx_id=-1, det_size=(640, 640))
     assert set(app.models) == {"detection", "recognition", "landmark_2d_106", "landmark_3d_68", "genderage"}
