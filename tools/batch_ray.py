@@ -67,7 +67,7 @@ class PersonTrainer:
 
     def describe(self) -> dict[str, Any]:
         """Where this worker runs and which trainer inputs its host has (checked by the driver once)."""
-        return {"node": socket.gethostname(), "pid": os.getpid(), "device": self.device,
+        return {"node": socket.gethostname(), "pid": os.getpid(), "device": self.device, "base": str(self.base),
                 "host": embedded_host.host_label(), "train_inputs": sorted(_input_names(self.train_info))}
 
     def _photo(self, person: str, index: int, photo: Path):
@@ -123,11 +123,15 @@ class PersonTrainer:
                 "last_step": steps[-1] if steps else None}
 
     def close(self) -> None:
-        """Remove the temporary base folder, unlinking the links first so nothing in --out is touched."""
-        for link in [self.base / "models" / "sefi_identities", self.base / "custom_nodes" / embedded_host.PACK_DIR_NAME]:
-            if link.is_symlink():
-                link.unlink()
-        shutil.rmtree(self.base, ignore_errors=True)
+        remove_base(self.base)
+
+
+def remove_base(base: Path) -> None:
+    """Remove a worker's temporary base folder, unlinking the links first so nothing in --out is touched."""
+    for link in [base / "models" / "sefi_identities", base / "custom_nodes" / embedded_host.PACK_DIR_NAME]:
+        if link.is_symlink():
+            link.unlink()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -166,6 +170,7 @@ class Worker:
     label: str
     handle: Any
     ready_ref: Any = None  # set while booting
+    info: dict[str, Any] = field(default_factory=dict)  # its describe(), once ready
     started: float = field(default_factory=time.monotonic)
 
 
@@ -220,10 +225,16 @@ class RayJob:
         log(f"[{result.server}] {task.person.name}: {result.status} in {result.seconds:.1f} s"
             + (f" ({result.message})" if result.status == "failed" else ""))
 
-    def _lose(self, label: str, task: Task | None, why: str) -> None:
-        """A worker died: drop it, start a replacement while work remains, and retry its person."""
+    def _end(self, label: str) -> None:
+        """Kill a worker that is lost or stuck, and remove its temporary folder when it ran on this machine."""
         worker = self.workers.pop(label)
         ray.kill(worker.handle, no_restart=True)
+        if worker.info.get("node") == socket.gethostname():
+            remove_base(Path(worker.info["base"]))  # a killed worker cannot clean up after itself
+
+    def _lose(self, label: str, task: Task | None, why: str) -> None:
+        """A worker died: drop it, start a replacement while work remains, and retry its person."""
+        self._end(label)
         if task is None:
             log(f"[{label}] could not start: {why}")
             self.start_error = self.start_error or why
@@ -288,6 +299,7 @@ class RayJob:
                 raise UsageError(f"SeFiTrainIdentity has no input(s) {', '.join(unknown)}; its inputs are "
                                  f"{', '.join(info['train_inputs'])}")
             self.checked_inputs = True
+        worker.info = info
         log(f"[{label}] ready on {info['node']} (pid {info['pid']}, {info['device']}, {info['host']}) in "
             f"{time.monotonic() - worker.started:.1f} s")
         self.idle.append(label)
@@ -316,7 +328,7 @@ class RayJob:
             for ref, (label, task) in list(self.in_flight.items()):
                 if time.monotonic() - task.started > self.args.timeout:
                     del self.in_flight[ref]
-                    ray.kill(self.workers.pop(label).handle, no_restart=True)
+                    self._end(label)
                     self._finish(task, Result(task.person.name, "failed", time.monotonic() - task.started,
                                               f"did not finish within --timeout {self.args.timeout:g} s", label))
                     if self.pending:

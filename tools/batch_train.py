@@ -18,7 +18,8 @@ Ray actors instead, each booting the host in-process once (tools/batch_ray.py; `
 
 Resume: a person whose --out/<name>.safetensors exists and loads (sefi_core.identity.load_identity) is skipped.
 One failing person (no photos, an unreadable photo, no face, a training error) is reported and the others go on.
-Exit codes: 0 all trained or skipped; 1 some failed; 2 bad arguments or folders; 3 no usable server.
+Exit codes: 0 all trained or skipped; 1 some failed; 2 bad arguments or folders; 3 no usable server (or, with
+--engine ray, no worker could start).
 """
 from __future__ import annotations
 
