@@ -224,6 +224,9 @@ class RayJob:
         self.results.append(result)
         log(f"[{result.server}] {task.person.name}: {result.status} in {result.seconds:.1f} s"
             + (f" ({result.message})" if result.status == "failed" else ""))
+        log("progress " + progress_line(sum(r.status == "trained" for r in self.results),
+                                        sum(r.status == "failed" for r in self.results), self.total,
+                                        time.monotonic() - self.started))
 
     def _end(self, label: str) -> None:
         """Kill a worker that is lost or stuck, and remove its temporary folder when it ran on this machine."""
@@ -280,9 +283,6 @@ class RayJob:
             self._finish(task, Result(name, "trained", seconds, f"{name}.safetensors ({note})", label))
         else:
             self._finish(task, Result(name, "failed", seconds, str(out["message"])[:500], label))
-        log("progress " + progress_line(sum(r.status == "trained" for r in self.results),
-                                        sum(r.status == "failed" for r in self.results), self.total,
-                                        time.monotonic() - self.started))
 
     def _ready(self, label: str) -> None:
         worker = self.workers[label]
