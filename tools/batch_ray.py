@@ -163,6 +163,7 @@ class Task:
     person: Person
     losses: int = 0  # workers lost while training this person
     started: float = 0.0
+    worker: str = ""  # the label of the worker it was last given to
 
 
 @dataclass
@@ -209,12 +210,18 @@ class RayJob:
             label = self.idle.pop(0)
             task = self.pending.popleft()
             name = task.person.name
+            if task.losses and existing_identity(self.out_dir, name)[0]:
+                # the lost worker had saved the identity before it died: done, not trained twice
+                self.idle.append(label)
+                self._finish(task, Result(name, "trained", time.monotonic() - task.started,
+                                          f"{name}.safetensors (saved before its worker was lost)", task.worker))
+                continue
             step = checkpoint_step(self.out_dir, name)
             resume = name if step is not None and step < int(self.train_inputs.get("steps", 0)) else ""
             log(f"[{label}] {name}: start, {len(task.person.photos)} photo(s)"
                 + (f", resuming from its checkpoint at step {step}" if resume else "")
                 + (f" (attempt {task.losses + 1})" if task.losses else ""))
-            task.started = time.monotonic()
+            task.started, task.worker = time.monotonic(), label
             ref = self.workers[label].handle.train.remote(name, [str(p) for p in task.person.photos],
                                                           self.train_inputs, self.args.face_backend,
                                                           self.args.resolution, resume)
