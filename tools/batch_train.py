@@ -431,20 +431,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--face-backend", choices=("auto", "dlib", "insightface"), default="auto")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="extra")
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds one person may take (default 6 h)")
-    ray = p.add_argument_group("--engine ray (see docs/batch.md)")
-    ray.add_argument("--engine", choices=("http", "ray"), default="http",
+    ray_options = p.add_argument_group("--engine ray (see docs/batch.md)")
+    ray_options.add_argument("--engine", choices=("http", "ray"), default="http",
                      help="http: ComfyUI servers (--server, or embedded ones started here); ray: Ray actors that "
                           "boot the host in-process")
-    ray.add_argument("--ray-address", metavar="ADDRESS",
+    ray_options.add_argument("--ray-address", metavar="ADDRESS",
                      help="an existing Ray cluster (auto, ray://HOST:10001); default: start a local Ray sized to "
                           "this machine and shut it down at the end")
-    ray.add_argument("--workers", type=int, default=0, metavar="N",
+    ray_options.add_argument("--workers", type=int, default=0, metavar="N",
                      help="actors to start (default: one per GPU; CPU-only: CPUs / --worker-cpus)")
-    ray.add_argument("--worker-gpus", type=int, choices=(0, 1), default=None,
+    ray_options.add_argument("--worker-gpus", type=int, choices=(0, 1), default=None,
                      help="GPUs per actor (default 1 when the cluster has GPUs, else 0 = CPU workers)")
-    ray.add_argument("--worker-cpus", type=int, default=0, metavar="N",
+    ray_options.add_argument("--worker-cpus", type=int, default=0, metavar="N",
                      help="CPUs per actor (default 1 with a GPU, else 4 or all the cluster has)")
-    ray.add_argument("--max-failures", type=int, default=2, metavar="N",
+    ray_options.add_argument("--max-failures", type=int, default=2, metavar="N",
                      help="a person whose worker is lost N times is marked failed (default 2)")
     return p
 
