@@ -373,8 +373,9 @@ def connect(address: str | None) -> bool:
     if address:
         ray.init(address=address, **options)
         return False
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
-             **options)
+    # "local": always a new instance of our own, never a cluster that `ray start` left on this machine
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+             object_store_memory=OBJECT_STORE_BYTES, **options)
     return True
 
 
