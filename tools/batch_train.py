@@ -13,9 +13,13 @@ models/sefi_identities folder linked to --out, so the identities land there dire
 into *its own* models/sefi_identities (there is no API to download a model file): --out must be that same folder
 (shared disk, or a path on that machine). See docs/batch.md.
 
+Engines: `--engine http` (the default) is the above. `--engine ray [--ray-address auto|ray://HOST:10001]` trains on
+Ray actors instead, each booting the host in-process once (tools/batch_ray.py; `pip install "sefi-ide[ray]"`).
+
 Resume: a person whose --out/<name>.safetensors exists and loads (sefi_core.identity.load_identity) is skipped.
 One failing person (no photos, an unreadable photo, no face, a training error) is reported and the others go on.
-Exit codes: 0 all trained or skipped; 1 some failed; 2 bad arguments or folders; 3 no usable server.
+Exit codes: 0 all trained or skipped; 1 some failed; 2 bad arguments or folders; 3 no usable server (or, with
+--engine ray, no worker could start).
 """
 from __future__ import annotations
 
@@ -427,6 +431,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--face-backend", choices=("auto", "dlib", "insightface"), default="auto")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="extra")
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds one person may take (default 6 h)")
+    ray_options = p.add_argument_group("--engine ray (see docs/batch.md)")
+    ray_options.add_argument("--engine", choices=("http", "ray"), default="http",
+                     help="http: ComfyUI servers (--server, or embedded ones started here); ray: Ray actors that "
+                          "boot the host in-process")
+    ray_options.add_argument("--ray-address", metavar="ADDRESS",
+                     help="an existing Ray cluster (auto, ray://HOST:10001); default: start a local Ray sized to "
+                          "this machine and shut it down at the end")
+    ray_options.add_argument("--workers", type=int, default=0, metavar="N",
+                     help="actors to start (default: one per GPU; CPU-only: CPUs / --worker-cpus)")
+    ray_options.add_argument("--worker-gpus", type=int, choices=(0, 1), default=None,
+                     help="GPUs per actor (default 1 when the cluster has GPUs, else 0 = CPU workers)")
+    ray_options.add_argument("--worker-cpus", type=int, default=0, metavar="N",
+                     help="CPUs per actor (default 1 with a GPU, else 4 or all the cluster has)")
+    ray_options.add_argument("--max-failures", type=int, default=2, metavar="N",
+                     help="a person whose worker is lost N times is marked failed (default 2)")
     return p
 
 
@@ -465,23 +484,24 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def run(args: argparse.Namespace) -> int:
-    out_dir = args.out.expanduser().resolve()
-    local = not args.server
-    bad = [u for u in args.server if not u.startswith(("http://", "https://"))]
-    if bad:
-        raise UsageError(f"--server {' '.join(bad)}: give URLs such as http://127.0.0.1:8188 (put PEOPLE_DIR before "
-                         "--server, which takes every word after it)")
-    checkpoint_path = resolve_checkpoint(args, local)
-    if args.resolution < 64 or args.steps < 1 or args.local_servers < 1:
-        raise UsageError("--resolution must be >= 64, --steps >= 1 and --local-servers >= 1")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    train_inputs = {"trigger": args.trigger, "steps": args.steps, "resolution": args.resolution,
-                    "learning_rate": args.learning_rate, "seed": args.seed, **parse_set(args.extra)}
+def check_engine(args: argparse.Namespace) -> None:
+    """Options that belong to the other engine are refused rather than ignored."""
+    if args.engine == "ray":
+        if args.server:
+            raise UsageError("--server is for --engine http; with --engine ray give --ray-address (or nothing, "
+                             "for a local Ray)")
+        if args.workers < 0 or args.worker_cpus < 0 or args.max_failures < 1:
+            raise UsageError("--workers and --worker-cpus must be >= 0 (0 = automatic), --max-failures >= 1")
+    elif args.ray_address or args.workers or args.worker_gpus is not None or args.worker_cpus:
+        raise UsageError("--ray-address, --workers, --worker-gpus and --worker-cpus need --engine ray")
 
+
+def settle_people(people_dir: Path, out_dir: Path) -> tuple[list[Result], list[Person]]:
+    """(settled, to train): valid identities are skipped and people with unusable photos fail, before any
+    engine starts."""
     results: list[Result] = []
     jobs: list[Person] = []
-    for person in find_people(args.people_dir.expanduser()):
+    for person in find_people(people_dir):
         valid, note = existing_identity(out_dir, person.name)
         if valid:
             results.append(Result(person.name, "skipped", 0.0, note))
@@ -496,11 +516,37 @@ def run(args: argparse.Namespace) -> int:
             continue
         jobs.append(person)
     log(f"{len(jobs)} to train, {len(results)} settled before training ({out_dir})")
+    return results, jobs
+
+
+def run(args: argparse.Namespace) -> int:
+    out_dir = args.out.expanduser().resolve()
+    check_engine(args)
+    local = not args.server
+    bad = [u for u in args.server if not u.startswith(("http://", "https://"))]
+    if bad:
+        raise UsageError(f"--server {' '.join(bad)}: give URLs such as http://127.0.0.1:8188 (put PEOPLE_DIR before "
+                         "--server, which takes every word after it)")
+    checkpoint_path = resolve_checkpoint(args, local)
+    if args.resolution < 64 or args.steps < 1 or args.local_servers < 1:
+        raise UsageError("--resolution must be >= 64, --steps >= 1 and --local-servers >= 1")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_inputs = {"trigger": args.trigger, "steps": args.steps, "resolution": args.resolution,
+                    "learning_rate": args.learning_rate, "seed": args.seed, **parse_set(args.extra)}
+
+    results, jobs = settle_people(args.people_dir.expanduser(), out_dir)
 
     servers: list[Server] = []
     code = EXIT_OK
     try:
-        if jobs:
+        if jobs and args.engine == "ray":
+            try:
+                from tools import batch_ray
+            except ImportError as exc:
+                raise UsageError(f"--engine ray needs Ray ({exc}): pip install \"sefi-ide[ray]\" (or pip install "
+                                 "ray)") from exc
+            results += batch_ray.run_ray(jobs, args, train_inputs, out_dir, checkpoint_path)
+        elif jobs:
             if local:
                 servers = start_local_servers(min(args.local_servers, len(jobs)), out_dir, args.models_dir,
                                               checkpoint_path)
