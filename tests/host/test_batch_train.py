@@ -1,4 +1,4 @@
-"""tools.batch_train against real ComfyUI servers: three people built from ../shared/faces (one has only a
+"""tools.batch_train against real ComfyUI servers: three people built from tests/data/faces (one has only a
 noise image), two servers on free ports fed from one queue, 2 steps at 64 px on the tiny SD1.5 checkpoint.
 The first run trains 2 and reports 1; the second run (on a host the CLI starts itself) skips the 2."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SeFiFaceMask inside the real host, on real photos (../shared/faces and scikit-image's astronaut), dlib backend.
+"""SeFiFaceMask inside the real host, on real photos (tests/data/faces and scikit-image's astronaut), dlib backend.
 
 The node caches detections by image content, so each photo is detected about once in this module whatever
 mask options a test asks for.

@@ -172,7 +172,7 @@ def test_window_outside_start_end_uses_the_initializer_prompt(host, sd15, pack):
     model, clip, _ = sd15
     identity = _identity(pack, 5)
     patched, cond = _apply(host, model, clip, identity, start_percent=0.5, end_percent=1.0)
-    off = host.run("CLIPTextEncode", clip=clip, text="a photo of person person")[0][0][0]
+    off = host.run("CLIPTextEncode", clip=clip, text="a photo of person")[0][0][0]
     patch = _our_patch(patched)
     sampling = model.get_model_object("model_sampling")
     early = float(sampling.percent_to_sigma(0.1))
@@ -183,6 +183,18 @@ def test_window_outside_start_end_uses_the_initializer_prompt(host, sd15, pack):
     torch.testing.assert_close(val, off, rtol=0, atol=0)
     _, ctx, _ = patch(None, cond[0][0], cond[0][0], eo(late))
     assert not torch.equal(ctx, off)
+
+
+@pytest.mark.parametrize(("text", "off"), [
+    ("a photo of sks person", "a photo of person"),          # the class word after the trigger is kept once
+    ("sks Person, smiling", "Person, smiling"),
+    ("sks and zwx person", "person and person"),             # only a following identical word merges
+    ("sks persons at sks", "person persons at person"),
+    ("(sks:1.2) person", "(person:1.2) person"),             # a weighted trigger keeps its own weight
+])
+def test_off_window_prompt_replaces_trigger_and_following_class_word(pack, text, off):
+    identities = [_identity(pack, 1), _identity(pack, 2, trigger="zwx")] if "zwx" in text else [_identity(pack, 1)]
+    assert pack.glue("prompt_encoding").initializer_text(text, identities) == off
 
 
 def test_strength_is_the_hosts_token_weight_on_the_identity_positions(host, sd15, pack):

@@ -61,9 +61,9 @@ def get_backend(
     except FaceBackendUnavailable as exc:
         if name.strip().lower() == "auto":
             raise FaceBackendUnavailable(
-                f"No face backend is usable. {exc} Alternatively install insightface "
-                f"({insightface_backend.install_hint()}) and put the '{insightface_pack}' pack in "
-                "models/insightface/models/."
+                f"No face backend is usable. {str(exc).rstrip('.')}. Alternatively: pip install insightface onnxruntime (or "
+                f"onnxruntime-gpu for CUDA, never both) into the same Python, and put the '{insightface_pack}' "
+                f"pack's .onnx files in ComfyUI/models/insightface/models/{insightface_pack}/"
             ) from exc
         raise
 

