@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from . import host
 from .prompt_encoding import clip_family, plan_prompt, word_token_ids
+from .sampling_support import check_model_sampling
 from ..sefi_core import attention as attn_core
 from ..sefi_core import losses
 from ..sefi_core.augment import random_scale
@@ -450,6 +451,21 @@ def align_columns(target: PromptTokens, reference: Sequence[int], ref_slots: Seq
     return [a for a, _ in pairs], [b for _, b in pairs]
 
 
+def reference_slots(template: str, target: PromptTokens, reference: Sequence[int], word_ids: Sequence[int],
+                    word: str) -> list[int]:
+    """Positions of the reference word in the reference prompt that pair with the identity's slots.
+
+    Both prompts are the same template, so their tokens agree up to the identity's first slot and the reference
+    word must start exactly there — not wherever the word first occurs ("a person, the face of {}" has "person"
+    twice). Anything else means the template glues {} to other characters, and the maps would be paired with the
+    wrong columns: refused."""
+    start = target.slots[0]
+    if list(reference[start:start + len(word_ids)]) != list(word_ids) or list(reference[:start]) != target.ids[:start]:
+        raise ValueError(f"prompt_templates: in {template!r} the reference word {word!r} does not take the place of "
+                         f"{{}}; write {{}} as a separate word, e.g. 'a photo of the face of {{}}'")
+    return list(range(start, start + len(word_ids)))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # U-Net step with K/V split and attention capture
 # --------------------------------------------------------------------------------------------------------------
@@ -536,12 +552,11 @@ class UnetStep:
         to["cond_or_uncond"] = [0]
         to["sigmas"] = sigma
         extra = {} if y is None else {"y": y.to(device).expand(x_t.shape[0], -1)}
-        dtype = self.model.model.get_dtype()
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
         try:
-            with autocast:
-                out = self.clone.model.apply_model(x_t.to(device), sigma, c_crossattn=c_k.to(device),
-                                                   transformer_options=to, **extra)
+            # no autocast: the stand-ins already hold the compute dtype and apply_model casts the inputs to it, and
+            # an autocast region would also pull the loss maps' float32 softmax back to low precision
+            out = self.clone.model.apply_model(x_t.to(device), sigma, c_crossattn=c_k.to(device),
+                                               transformer_options=to, **extra)
             return out, list(st.records)
         finally:
             st.values = st.ref = None
@@ -665,16 +680,6 @@ def adm_input(model, pooled: Tensor | None, resolution: int) -> Tensor | None:
     return None if y is None else y.detach().float().cpu().clone()
 
 
-def prediction_type(model_sampling) -> str:
-    names = [c.__name__ for c in type(model_sampling).__mro__]
-    for name in names:
-        if name == "V_PREDICTION":
-            return "v"
-        if name == "EPS":
-            return "eps"
-    raise NotImplementedError(f"SeFi training supports eps and v-prediction models, not {type(model_sampling).__name__}")
-
-
 class SefiStep:
     """The `step_fn` for sefi_core.training.run_training, plus a fixed-noise evaluation for tests and logs."""
 
@@ -682,8 +687,8 @@ class SefiStep:
                  trigger: str, vectors_per_token: int, encoder: TextEncoder | None = None):
         self.model, self.settings, self.n = model, settings, vectors_per_token
         self.text = encoder or TextEncoder(clip)
+        self.kind = check_model_sampling(model, "SeFi Train Identity")
         self.ms = model.get_model_object("model_sampling")
-        self.kind = prediction_type(self.ms)
         self.sigmas = self.ms.sigmas.detach().float().cpu().clone()
         res = settings.resolution
         self.latent_hw = (res // 8, res // 8)
@@ -704,9 +709,8 @@ class SefiStep:
         self.ref_ids = [self.text.plain(t) for t in ref_texts]
         self.columns = []
         self.id_columns = []
-        for p, ids in zip(self.prompts, self.ref_ids):
-            start = next(i for i in range(1, len(ids) - len(ref_word) + 1) if ids[i:i + len(ref_word)] == ref_word)
-            rslots = list(range(start, start + len(ref_word)))
+        for template, p, ids in zip(settings.templates, self.prompts, self.ref_ids):
+            rslots = reference_slots(template, p, ids, ref_word, settings.reference_word)
             eos_ref = self.text._eos(ids)
             self.columns.append(align_columns(p, ids, rslots, settings.attention_tokens, eos_ref))
             self.id_columns.append(align_columns(p, ids, rslots, "identity", eos_ref))
