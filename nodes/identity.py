@@ -5,7 +5,7 @@ import os
 
 from . import host
 from .identity_patch import IdentityAttn2Patch
-from .prompt_encoding import check_family, clip_family, encode_with_vectors, initializer_text, plan_prompt
+from .prompt_encoding import check_family, clip_family, encode_with_vectors, initializer_conditioning, plan_prompt
 from .sampling_support import check_model_sampling
 from ..sefi_core.identity import Identity, load_identity
 from ..sefi_core.routing import Binding
@@ -90,8 +90,8 @@ class SeFiApplyIdentity:
             check_family(ident, family, slot)
 
         plan = plan_prompt(clip, text, identities, strength)
-        base, pooled = encode_with_vectors(clip, plan, [{e: i.fallback(e) for e in i.encoders} for i in identities])
-        off, _ = clip.encode_from_tokens(clip.tokenize(initializer_text(text, identities)), return_pooled=True)
+        base, _ = encode_with_vectors(clip, plan, [{e: i.fallback(e) for e in i.encoders} for i in identities])
+        off, pooled = initializer_conditioning(clip, text, identities)
         combos = stage_combinations([i.stages for i in identities])
         block = len(next(iter(plan.tokens.values()))[0])  # the tokenizer's chunk length (77): the concat grid
         bindings = []

@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from . import host
-from .prompt_encoding import clip_family, plan_prompt, word_token_ids
+from .prompt_encoding import clip_family, initializer_conditioning, plan_prompt, word_token_ids
 from .sampling_support import check_model_sampling
 from ..sefi_core import attention as attn_core
 from ..sefi_core import losses
@@ -288,9 +288,10 @@ def training_context(model, clip, precision: str = "auto"):
 # --------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class _Trigger:  # the duck-typed stand-in plan_prompt needs (trigger, vectors_per_token)
+class _Trigger:  # the duck-typed identity plan_prompt / initializer_text need
     trigger: str
     vectors_per_token: int
+    initializer: str = "person"
 
 
 @dataclass(frozen=True)
@@ -684,7 +685,8 @@ class SefiStep:
     """The `step_fn` for sefi_core.training.run_training, plus a fixed-noise evaluation for tests and logs."""
 
     def __init__(self, model, clip, vae, images: Tensor, masks: Tensor | None, settings: TrainSettings,
-                 trigger: str, vectors_per_token: int, encoder: TextEncoder | None = None):
+                 trigger: str, vectors_per_token: int, encoder: TextEncoder | None = None,
+                 initializer: str = "person"):
         self.model, self.settings, self.n = model, settings, vectors_per_token
         self.text = encoder or TextEncoder(clip)
         self.kind = check_model_sampling(model, "SeFi Train Identity")
@@ -715,10 +717,12 @@ class SefiStep:
             self.columns.append(align_columns(p, ids, rslots, settings.attention_tokens, eos_ref))
             self.id_columns.append(align_columns(p, ids, rslots, "identity", eos_ref))
         self.ref_conds, self.adm = [], []
+        identity = _Trigger(trigger, vectors_per_token, initializer)
         with torch.no_grad():
-            for t in ref_texts:
-                cond, pooled = clip.encode_from_tokens(clip.tokenize(t), return_pooled=True)
-                self.ref_conds.append(cond.float().cpu().clone())
+            for template, t in zip(settings.templates, ref_texts):
+                self.ref_conds.append(clip.encode_from_tokens(clip.tokenize(t)).float().cpu().clone())
+                # SDXL's y: the same rule as SeFi Apply Identity (prompt_encoding.initializer_conditioning)
+                _, pooled = initializer_conditioning(clip, template.replace("{}", trigger), [identity])
                 self.adm.append(adm_input(model, pooled, res))
         self.unet = UnetStep(model, self.latent_hw, settings.loss_sites, self.ref_conds[0].shape[-1], self.adm[0])
 
