@@ -275,11 +275,14 @@ class TrainingDivergedError(RuntimeError):
             if last_checkpoint_step is not None
             else "no checkpoint had been written yet"
         )
+        tries = [f"a lower learning_rate (now {settings.lr:g})"]
+        if settings.precision != "fp32":
+            tries.append(f"precision fp32 (now {settings.precision})")
+        if settings.attention_loss != "off" and settings.attention_weight > 0:
+            tries.append(f"a lower attention_weight (now {settings.attention_weight:g})")
         super().__init__(
             f"training diverged at step {step}/{total}: {what} (loss={loss}; parts: {parts_txt}); {kept}. "
-            f"Try a lower learning rate (now {settings.lr:g}), precision fp32 instead of {settings.precision} "
-            f"for the frozen models, a lower attention_weight (now {settings.attention_weight:g}), "
-            f"or gradient clipping (grad_clip_norm, now {settings.grad_clip_norm:g})."
+            f"Try {', or '.join(tries)}."
         )
 
 
@@ -358,6 +361,7 @@ def run_training(
     on_progress: Callable[[int, int, float, dict[str, float]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     save_checkpoint: Callable[[TrainState], None] | None = None,
+    interrupts: tuple[type[BaseException], ...] = (),
 ) -> TrainResult:
     """Train ``generator`` for ``settings.steps`` steps (continuing from ``start_state``).
 
@@ -378,6 +382,12 @@ def run_training(
 
     A final checkpoint is saved at the end. ``save_checkpoint`` receives a
     :class:`TrainState` of CPU copies; typically ``lambda s: save_train_state(s, path)``.
+
+    ``interrupts``: exception types that mean "the user cancelled" (the host's interrupt). Hosts
+    raise them from wherever they check — ``should_stop``, a progress-bar update inside
+    ``on_progress``, a callback inside ``step_fn`` — so whichever of these raises one, the loop
+    first checkpoints the last *completed* step (a step cut short has not touched the parameters
+    or the Adam state yet) and then re-raises it unchanged.
 
     Resuming: ``start_state`` restores the generator and the Adam moments exactly. Settings
     that change the trajectory (anything except ``steps`` and ``checkpoint_every``) should
@@ -489,6 +499,9 @@ def run_training(
                 if save_checkpoint is not None and settings.checkpoint_every and step % settings.checkpoint_every == 0:
                     checkpoint()
             return TrainResult(checkpoint(), interrupted=False)
+    except interrupts:
+        checkpoint()
+        raise
     finally:
         generator.train(was_training)
 
@@ -568,9 +581,9 @@ def load_train_state(path: str | os.PathLike[str]) -> TrainState:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise TrainStateFileError(f"{p} is not a readable safetensors file ({e}); delete it to start over") from e
+        raise TrainStateFileError(f"{p.name} is not a readable SeFi training checkpoint ({e})") from e
     if metadata.get("sefi.format") != _FORMAT:
-        raise TrainStateFileError(f"{p} is not a SeFi training checkpoint (missing sefi.format={_FORMAT!r})")
+        raise TrainStateFileError(f"{p.name} is not a SeFi training checkpoint (missing sefi.format={_FORMAT!r})")
     if metadata.get("sefi.format_version") != _FORMAT_VERSION:
         raise TrainStateFileError(
             f"{p} has checkpoint format version {metadata.get('sefi.format_version')!r}; "
@@ -600,4 +613,4 @@ def load_train_state(path: str | os.PathLike[str]) -> TrainState:
             loss_scale=json.loads(metadata.get("sefi.loss_scale", "null")),
         )
     except (KeyError, ValueError) as e:
-        raise TrainStateFileError(f"{p} is a damaged SeFi training checkpoint ({e!r}); delete it to start over") from e
+        raise TrainStateFileError(f"{p.name} is a damaged SeFi training checkpoint ({e!r})") from e
