@@ -195,6 +195,23 @@ def _remove_stale_temp_files(paths: list[Path], name: str) -> None:
             log.info("[SeFi] %s: removed %s, left over from an interrupted write", name, temp)
 
 
+def drop_faceless(pics: list, masks: list | None, name: str) -> tuple[list, list | None]:
+    """Drop images that hold no face: SeFi Face Mask's all-black placeholder crop (on_no_face=skip) or an all-zero
+    mask. Each dropped index is logged; none left is an error."""
+    empty = [i for i, p in enumerate(pics)
+             if float(p[..., :3].max()) == 0.0 or (masks is not None and float(masks[i].max()) == 0.0)]
+    if not empty:
+        return pics, masks
+    if len(empty) == len(pics):
+        raise ValueError(f"none of the {len(pics)} image(s) holds a face: each crop is black or its mask is empty "
+                         f"(SeFi Face Mask found no face and, set to skip such images, passed on its placeholder). "
+                         f"Give photos in which SeFi Face Mask finds a face, or check its face selection")
+    log.warning("[SeFi] %s: dropped image(s) %s of %d (indices from 0): black crop or empty mask, no face",
+                name, ", ".join(map(str, empty)), len(pics))
+    keep = [i for i in range(len(pics)) if i not in empty]
+    return [pics[i] for i in keep], None if masks is None else [masks[i] for i in keep]
+
+
 def _one(x):
     return x[0] if isinstance(x, list) else x
 
@@ -346,11 +363,9 @@ class SeFiTrainIdentity:
             check_resume_structure(start_state, kind, int(stages), int(vectors_per_token), bool(kv_split),
                                    resume_from)
         _remove_stale_temp_files([out_path, ckpt_path], name)
-        check_model_sampling(model, "SeFi Train Identity")
 
         pics = _image_list(images)
-        image_hashes = [hash_array((p[..., :3].float().cpu().numpy() * 255).round().astype(np.uint8)) for p in pics]
-        masks = None
+        mlist = None
         if mask is not None:
             mlist = []
             for m in (mask if isinstance(mask, list) else [mask]):
@@ -359,7 +374,10 @@ class SeFiTrainIdentity:
                 mlist = mlist * len(pics)
             if len(mlist) != len(pics):
                 raise ValueError(f"{len(mlist)} masks for {len(pics)} images; give one mask per image")
-            masks = torch.cat([fit_mask(m.float().cpu(), settings.resolution) for m in mlist])
+        pics, mlist = drop_faceless(pics, mlist, name)
+        image_hashes = [hash_array((p[..., :3].float().cpu().numpy() * 255).round().astype(np.uint8)) for p in pics]
+        masks = None if mlist is None else torch.cat([fit_mask(m.float().cpu(), settings.resolution) for m in mlist])
+        check_model_sampling(model, "SeFi Train Identity")
 
         device = host.torch_device()
         with training_context(model, clip, precision) as dtype:

@@ -228,3 +228,28 @@ def test_a_write_killed_midway_leaves_the_checkpoint_and_the_next_run_clears_the
     # finished and keep_checkpoint off (the default): the checkpoint is gone
     assert not ckpt.exists() and "deleted its training checkpoint" in caplog.text
     unrelated.unlink()
+
+
+# ----------------------------------------------------------------------------- 7. faceless input
+
+
+def test_faceless_images_are_dropped_and_none_left_is_refused(host, sd15, pack, photo, caplog):
+    """SeFi Face Mask with on_no_face=skip passes a black placeholder crop and an empty mask on: the trainer drops
+    them (logged by index) and refuses a batch with nothing left, before any work."""
+    h, w = photo.shape[1:3]
+    black = torch.zeros_like(photo)
+    face_mask = torch.zeros(1, h, w)
+    face_mask[:, h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 1.0
+    with pytest.raises(ValueError, match="none of the 2 image"):
+        host.run("SeFiTrainIdentity", model=None, clip=None, vae=None, images=torch.cat([black, black]),
+                 **_args(name="faceless"))
+    with pytest.raises(ValueError, match="none of the 1 image"):
+        host.run("SeFiTrainIdentity", model=None, clip=None, vae=None, images=photo, mask=torch.zeros(1, h, w),
+                 **_args(name="faceless"))
+    model, clip, vae = sd15
+    with caplog.at_level("INFO", logger="sefi"):
+        identity = host.run("SeFiTrainIdentity", model=model, clip=clip, vae=vae, images=torch.cat([black, photo]),
+                            mask=torch.cat([torch.zeros(1, h, w), face_mask]),
+                            **_args(name="one_face", overwrite=True, attention_loss="mask"))[0]
+    assert len(identity.image_hashes) == 1
+    assert "dropped image(s) 0 of 2" in caplog.text
