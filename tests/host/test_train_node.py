@@ -180,18 +180,19 @@ def test_cancel_from_another_thread_saves_the_step_reached_and_resumes_exactly(h
     mm = hostmod.model_management
     common = dict(steps=5, parametrisation="self-attention generator", stages=2, checkpoint_every=0)
     full = _train(host, sd15, photo, name="full", **common)[0]
-    reached, sent = threading.Event(), threading.Event()
+    reached, sent, done = threading.Event(), threading.Event(), threading.Event()
 
     def observe(step, total, loss, parts):  # only watches: the interrupt comes from the other thread, mostly
         if step == 2:                       # while step 3 computes; waiting at step 3 keeps it within the run
             reached.set()
         if step == 3:
-            assert sent.wait(30)
+            assert sent.wait(300)
 
     def press_cancel():
-        if reached.wait(120):
+        reached.wait()  # set at step 2, or by the finally below if training never got there
+        if not done.is_set():
             hostmod.interrupt_current_processing(True)
-            sent.set()
+        sent.set()
 
     def server_progress_hook(value, total, preview, **kw):  # what upstream's server installs (main.py)
         mm.throw_exception_if_processing_interrupted()
@@ -212,6 +213,7 @@ def test_cancel_from_another_thread_saves_the_step_reached_and_resumes_exactly(h
         train.PROGRESS_HOOKS.remove(observe)
         if hookable:
             utils.set_progress_bar_global_hook(old_hook)
+        done.set()
         reached.set()
         canceller.join()
     ckpt = train.checkpoint_dir() / "cut.sefi-train"
