@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            loss, _ = step_fn(generator(), rng, i)
+            loss, *_ = step_fn(generator(), rng, i)
             loss.backward()
             opt.step()
             if device.type == "cuda":

@@ -22,7 +22,7 @@ from .training_host import (DTYPE_NAMES, PRECISION_CHOICES, SefiStep, TextEncode
 from ..sefi_core.atomic import longest_temp_name, stale_temp_files
 from ..sefi_core.generator import build_generator, rebuild_generator
 from ..sefi_core.identity import Identity, hash_array, save_identity
-from ..sefi_core.plot import render_loss_curve
+from ..sefi_core.plot import render_loss_curve, term_shares
 from ..sefi_core.training import (LOSS_SITES, TrainSettings, TrainStateFileError, load_train_state,
                                   run_training, save_train_state)
 
@@ -425,7 +425,8 @@ class SeFiTrainIdentity:
             ckpt_path.unlink()
             log.info("[SeFi] %s: identity saved; deleted its training checkpoint %s (keep_checkpoint=true keeps "
                      "it)", name, ckpt_path)
-        curve = torch.from_numpy(render_loss_curve(result.loss_history).astype(np.float32) / 255.0)[None]
+        picture = render_loss_curve(result.loss_history, shares=term_shares(result.state.parts_history))
+        curve = torch.from_numpy(picture.astype(np.float32) / 255.0)[None]
         return identity, curve, out_path.name
 
     def _run(self, generator, step_fn, settings, start_state, ckpt_path: Path, name: str):

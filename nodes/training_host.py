@@ -779,7 +779,8 @@ class SefiStep:
     def _attention_loss(self, records, m):
         s = self.settings
         if s.attention_loss == "reference":
-            return losses.reference_attention_loss([r[3] for r in records], [r[4] for r in records])
+            return losses.reference_attention_loss([r[3] for r in records], [r[4] for r in records],
+                                                   reduction=s.attention_reduction)
         grids = [attn_core.mask_to_grid(m.to(r[3].device), r[3].shape[2], self.latent_hw) for r in records]
         return losses.mask_attention_loss([r[3] for r in records], grids, mode=s.mask_loss_mode)
 
@@ -790,12 +791,12 @@ class SefiStep:
         columns = self.columns if s.attention_loss == "reference" else self.id_columns
         diff, records, m = self._forward(tokens, j, x0, m, t, noise, capture, columns)
         parts = {"diffusion": float(diff.detach()), "t": float(t.float().mean())}
-        loss = diff
+        terms = {"diffusion": diff}
         if capture:
             att = self._attention_loss(records, m)
             parts["attention"] = float(att.detach())
-            loss = diff + s.attention_weight * att
-        return loss, parts
+            terms["attention"] = s.attention_weight * att
+        return sum(terms.values()), parts, terms
 
     @torch.no_grad()
     def evaluate(self, tokens: dict[str, Tensor], pairs: Sequence[tuple[int, Tensor]], image: int = 0):
