@@ -16,6 +16,7 @@ import torch
 
 from . import host
 from .identity import CATEGORY, IDENTITY
+from .people_check import check_one_person
 from .sampling_support import check_model_sampling
 from .training_host import (DTYPE_NAMES, PRECISION_CHOICES, SefiStep, TextEncoder, fit_image, fit_mask,
                             peak_memory_bytes, reset_peak_memory, training_context)
@@ -304,6 +305,9 @@ class SeFiTrainIdentity:
                 "keep_checkpoint": ("BOOLEAN", {"default": False, "tooltip": "Keep the resumable checkpoint "
                                     f"(~{CHECKPOINT_SIZE_HINT}) once the identity is saved; off = delete it then (an "
                                     "interrupted or failed run always keeps it)."}),
+                "allow_multiple_people": ("BOOLEAN", {"default": False, "tooltip": "Train even when the photos "
+                                          "show different people (checked with face descriptors); off = refuse "
+                                          "such a batch, since the identity would be neither of them."}),
             },
         }
 
@@ -321,16 +325,17 @@ class SeFiTrainIdentity:
               masked_diffusion_loss=False, prompt_templates="a photo of the face of {}", flip_augmentation=False,
               scale_augmentation=False, seed=0, resolution=512, batch_size=1, checkpoint_every=100,
               resume_from="", overwrite=False, precision="auto", gradient_checkpointing=False, mask=None,
-              keep_checkpoint=False):
+              keep_checkpoint=False, allow_multiple_people=False):
         model, clip, vae = _one(model), _one(clip), _one(vae)
         (name, trigger, initializer, steps, learning_rate, stages, vectors_per_token, parametrisation, kv_split,
          attention_loss, attention_weight, loss_sites, masked_diffusion_loss, prompt_templates,
          flip_augmentation, scale_augmentation, seed, resolution, batch_size, checkpoint_every, resume_from,
-         overwrite, precision, gradient_checkpointing, keep_checkpoint) = map(
+         overwrite, precision, gradient_checkpointing, keep_checkpoint, allow_multiple_people) = map(
             _one, (name, trigger, initializer, steps, learning_rate, stages, vectors_per_token, parametrisation,
                    kv_split, attention_loss, attention_weight, loss_sites, masked_diffusion_loss, prompt_templates,
                    flip_augmentation, scale_augmentation, seed, resolution, batch_size, checkpoint_every,
-                   resume_from, overwrite, precision, gradient_checkpointing, keep_checkpoint))
+                   resume_from, overwrite, precision, gradient_checkpointing, keep_checkpoint,
+                   allow_multiple_people))
         name = check_name(name)  # names, files and resume_from are checked before the model is touched
         out_path = identity_dir() / f"{name}.safetensors"
         if out_path.exists() and not overwrite:
@@ -375,6 +380,7 @@ class SeFiTrainIdentity:
             if len(mlist) != len(pics):
                 raise ValueError(f"{len(mlist)} masks for {len(pics)} images; give one mask per image")
         pics, mlist = drop_faceless(pics, mlist, name)
+        check_one_person(pics, bool(allow_multiple_people))
         image_hashes = [hash_array((p[..., :3].float().cpu().numpy() * 255).round().astype(np.uint8)) for p in pics]
         masks = None if mlist is None else torch.cat([fit_mask(m.float().cpu(), settings.resolution) for m in mlist])
         check_model_sampling(model, "SeFi Train Identity")
