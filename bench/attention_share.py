@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     print(f"host: {embedded_host.host_label()}; model {label}; {res} px; compute {dtype}; λ = {args.weight:g}; "
           f"{args.parametrisation} from '{args.initializer}', lr {lr:g}, {args.steps} steps")
     for reduction, (shares, att, dist) in rows.items():
-        print(f"{reduction:12s} attention grad share per step: " + " ".join(f"{100 * s:6.2f}%" for s in shares))
+        print(f"{reduction:12s} attention grad share per step: " + " ".join(f"{100 * s:.3g}%" for s in shares))
         print(f"{'':12s} attention term per step:       " + " ".join(f"{a:.3g}" for a in att)
               + f"   map distance after: {dist:.4f}")
     mean = rows["mean"][0][-1]
