@@ -1,6 +1,6 @@
 """The attention term's share of the gradient norm, for both reductions of the face-wise loss, side by side.
 
-Runs the real trainer loop (sefi_core.training.run_training with nodes/training_host.SefiStep) for a few steps per
+Runs the real trainer loop (sefi_core.training.run_training with nodes/training.SefiStep) for a few steps per
 reduction on the same model, photo, seed and λ, logging every step's gradient shares (grad_share_every=1), and
 prints them with the identity/reference map distance. docs/method.md quotes its figures when it reasons about
 the default reduction.
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     (ckpt_dir / src.name).symlink_to(src)
     host = embedded_host.boot_in_process(base, device="auto")
     pkg = host.pack_module.__name__
-    th = importlib.import_module(f"{pkg}.nodes.training_host")
+    th = importlib.import_module(f"{pkg}.nodes.training")
     tr = importlib.import_module(f"{pkg}.sefi_core.training")
     gen = importlib.import_module(f"{pkg}.sefi_core.generator")
     losses = importlib.import_module(f"{pkg}.sefi_core.losses")

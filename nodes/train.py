@@ -1,6 +1,6 @@
 """SeFiTrainIdentity: learn a SeFi identity (per-stage K/V tokens) from face photos, inside ComfyUI.
 
-The loop is sefi_core.training.run_training; the model side is nodes/training_host.SefiStep. Files:
+The loop is sefi_core.training.run_training; the model side is nodes/training (SefiStep). Files:
 models/sefi_identities/<name>.safetensors (the identity) and models/sefi_identities/checkpoints/<name>.sefi-train
 (resumable state; the loader lists only .safetensors, so checkpoints stay out of its dropdown).
 """
@@ -18,7 +18,7 @@ from . import host
 from .identity import CATEGORY, IDENTITY
 from .people_check import check_one_person
 from .sampling_support import check_model_sampling
-from .training_host import (DTYPE_NAMES, PRECISION_CHOICES, SefiStep, TextEncoder, fit_image, fit_mask,
+from .training import (DTYPE_NAMES, PRECISION_CHOICES, SefiStep, TextEncoder, fit_image, fit_mask,
                             peak_memory_bytes, reset_peak_memory, training_context)
 from ..sefi_core.atomic import longest_temp_name, stale_temp_files
 from ..sefi_core.generator import build_generator, rebuild_generator

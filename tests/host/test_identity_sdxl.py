@@ -54,7 +54,7 @@ def test_pooled_y_is_built_by_one_rule_in_training_and_at_inference(host, sdxl, 
     """SDXL's `y` (pooled CLIP-G + size embedding): the trainer's for its template equals the one the sampler builds
     from SeFi Apply Identity's conditioning for that template's prompt (before: trainer from "... of person",
     apply node from the prompt with the lossy fallback vector)."""
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model, clip, vae = sdxl
     identity = _sdxl_identity(pack, 3)
     res, template = 64, "a close-up photo of the face of {}"

@@ -1,4 +1,4 @@
-"""SeFiTrainIdentity and its host adapter (nodes/training_host.py) in the real host with the tiny SD1.5
+"""SeFiTrainIdentity and its host adapter (nodes/training/) in the real host with the tiny SD1.5
 checkpoint. Runs at 64 px with few steps so the whole file stays within a few CPU minutes."""
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _settings(pack, **kw):
 
 def _evaluate(pack, sd15, photo, tokens, mask=None, **kw):
     """Diffusion loss and identity/reference maps of `tokens` for fixed (t, noise) pairs (no augmentation)."""
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model, clip, vae = sd15
     g = torch.Generator().manual_seed(11)
     pairs = [(t, torch.randn(1, 4, RES // 8, RES // 8, generator=g)) for t in (50, 150, 300, 450, 600, 750, 900)]
@@ -62,7 +62,7 @@ def _evaluate(pack, sd15, photo, tokens, mask=None, **kw):
 
 
 def test_manual_clip_matches_host_encode_and_has_gradient(host, sd15, pack):
-    th, pe = pack.glue("training_host"), pack.glue("prompt_encoding")
+    th, pe = pack.glue("training"), pack.glue("prompt_encoding")
     model, clip, _ = sd15
     g = torch.Generator().manual_seed(0)
     vec = torch.randn(1, 1, 768, generator=g) * 0.02
@@ -74,7 +74,7 @@ def test_manual_clip_matches_host_encode_and_has_gradient(host, sd15, pack):
             ours = enc.encode(torch.tensor([p.ids]), p.slots, v)
             ours.pow(2).mean().backward()
             grad = v.grad.clone()
-        plan = pe.plan_prompt(clip, TEMPLATE.format("sks"), [th._Trigger("sks", 1)], 1.0)
+        plan = pe.plan_prompt(clip, TEMPLATE.format("sks"), [th.TriggerWord("sks", 1)], 1.0)
         theirs, _ = pe.encode_with_vectors(clip, plan, [{"clip_l": vec[0]}])
     assert [t for t, *_ in plan.tokens["l"][0]] == p.ids
     torch.testing.assert_close(ours.detach(), theirs.float(), atol=1e-3, rtol=1e-3)
@@ -85,7 +85,7 @@ def test_clip_gradient_keeps_no_widened_weight_copies(host, sd15, pack):
     """CLIP is stored in fp16 and computed in fp32: during training its linears widen the weights per call, so what
     autograd keeps for backward are the stored weights themselves (no fp32 copy of CLIP), and the text gradient
     equals the one through a plain fp32 copy of CLIP run by the host's own layers."""
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model, clip, _ = sd15
     text = clip.cond_stage_model
     vec = torch.randn(1, 1, 768, generator=torch.Generator().manual_seed(1)) * 0.02
@@ -127,7 +127,7 @@ def test_training_lowers_fixed_noise_loss(host, sd15, pack, photo, trained_off):
     """Direct tokens, one image, lr 0.05 so 8 CPU steps move them: the diffusion loss at fixed (t, noise) pairs
     is lower with the trained tokens than with the initializer tokens."""
     identity, curve, fname = trained_off
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model, clip, _ = sd15
     with torch.inference_mode(), th.training_context(model, clip):
         init = th.TextEncoder(clip).initializer_embedding("person")
@@ -236,7 +236,7 @@ def test_attention_capture_leaves_the_prediction_unchanged(host, sd15, pack, pho
     """At the loss sites the replace computes attention by hand (to read the probabilities) and the reference keys
     ride along in the context: the U-Net's prediction must equal the uncaptured one, and every recorded map must be
     a probability over the prompt's keys (reference maps: over the reference's keys)."""
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model, clip, vae = sd15
     with th.training_context(model, clip):
         step = th.SefiStep(model, clip, vae, th.fit_image(photo, RES), None,
@@ -277,10 +277,10 @@ def test_frozen_weights_untouched(host, sd15, pack, photo):
 def test_frozen_stand_ins_share_memory_unless_cast(host, sd15, pack):
     """Same dtype: the training stand-in is an ordinary tensor over the original's memory (no second copy of the
     weights); a cast makes a copy and, when parking is on, the original moves off its storage until exit."""
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model, _, _ = sd15
     with torch.inference_mode():  # as the executor loads models
-        th.host.load_for_training(model, sd15[1])
+        pack.glue("host").load_for_training(model, sd15[1])
     unet = model.model.diffusion_model
     names = [n for n, p in unet.named_parameters() if p.is_floating_point()][:50]
     with torch.inference_mode():
@@ -354,7 +354,7 @@ def test_saved_identity_samples_through_server(host, sd15, pack, photo, trained_
 
 def test_kv_encodes_batched_equal_separate(host, sd15, pack):
     """K and V contexts come from one CLIP forward of batch 2; that equals two separate encodes."""
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model, clip, _ = sd15
     g = torch.Generator().manual_seed(1)
     k, v = (torch.randn(1, 1, 768, generator=g) * 0.02 for _ in range(2))
@@ -370,7 +370,7 @@ def test_kv_encodes_batched_equal_separate(host, sd15, pack):
 def test_gradient_checkpointing_same_loss_and_gradients(host, sd15, pack, photo):
     """One step with the attention loss on: checkpointed blocks give the same loss and token gradients, record
     each loss map once, and every module's forward is put back afterwards (also through the node)."""
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model, clip, vae = sd15
     unet = model.model.diffusion_model
     with torch.inference_mode(), th.training_context(model, clip):
@@ -424,7 +424,7 @@ def test_precision_choices(host, sd15, pack, photo):
 def test_auto_precision_follows_the_loaded_model(sd15, pack, monkeypatch):
     """auto = fp32 on CPU; on an accelerator the model's own compute dtype (manual-cast dtype first), so that the
     weights are used in place; explicit choices win."""
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model = sd15[0]
     assert th.compute_dtype(model, "auto") == torch.float32
     monkeypatch.setattr(model, "load_device", torch.device("cuda", 0))  # only read, never used for CUDA here

@@ -22,7 +22,7 @@ def _settings(pack, **kw):
 
 def _records(pack, sd15, photo, precision):
     """The loss sites' identity and reference maps for one fixed (t, noise) in `precision`."""
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model, clip, vae = sd15
     with torch.inference_mode(), th.training_context(model, clip, precision):
         step = th.SefiStep(model, clip, vae, th.fit_image(photo, RES), None, _settings(pack), "sks", 1)
@@ -51,7 +51,7 @@ def test_bf16_training_maps_match_fp32_within_forward_noise(host, sd15, pack, ph
 
 
 def _columns(pack, sd15, photo, template, tokens="identity"):
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model, clip, vae = sd15
     with torch.inference_mode(), th.training_context(model, clip):
         step = th.SefiStep(model, clip, vae, th.fit_image(photo, RES), None,
@@ -104,7 +104,7 @@ def test_attention_weight_raises_its_gradient_share_and_pulls_the_maps(host, sd1
     "man", not the reference word "person" (whose maps would equal the reference: no attention gradient at step
     1), so step 1 sees the same tokens in every run and its shares compare λ alone."""
     L = pack.core("losses")
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model, clip, vae = sd15
     g = torch.Generator().manual_seed(11)
     pairs = [(t, torch.randn(1, 4, RES // 8, RES // 8, generator=g)) for t in (200, 500, 800)]
