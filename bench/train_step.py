@@ -3,7 +3,7 @@
 SeFi step: self-attention generator → K and V tokens through ONE CLIP forward (batch 2) → U-Net with the K/V split and the
 face-wise attention loss (same-Q reference maps at the loss sites) → backward → AdamW.
 TI step: one free vector → 1 CLIP encode → U-Net (no K/V split, no attention capture) → backward → AdamW.
-Both run through nodes/training_host (same frozen-weight handling, same host), so the ratio isolates SeFi's extra
+Both run through nodes/training (same frozen-weight handling, same host), so the ratio isolates SeFi's extra
 work. Prints ms/step (median), the ratio (goal ≤ 1.15) and peak memory.
 
     python -m bench.train_step                      # tiny checkpoint on CPU, 64 px (builds it in .cache/tiny)
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     host = embedded_host.boot_in_process(base, device="auto")  # the accelerator when there is one
     import importlib
     pkg = host.pack_module.__name__
-    th = importlib.import_module(f"{pkg}.nodes.training_host")
+    th = importlib.import_module(f"{pkg}.nodes.training")
     tr = importlib.import_module(f"{pkg}.sefi_core.training")
     gen = importlib.import_module(f"{pkg}.sefi_core.generator")
     model, clip, vae = host.run("CheckpointLoaderSimple", ckpt_name=src.name)[:3]
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            loss, _ = step_fn(generator(), rng, i)
+            loss, *_ = step_fn(generator(), rng, i)
             loss.backward()
             opt.step()
             if device.type == "cuda":

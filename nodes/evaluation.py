@@ -107,7 +107,8 @@ class SeFiIdentityScore:
             prompt_list = ev.split_prompts(str(prompts), len(singles), source="prompts")
             weights = _resolve_clip_weights(str(clip_weights or ""))
             scorer, note = ev.load_clip_scorer(weights or None, str(clip_model).strip() or "ViT-B-32",
-                                               device=str(host.torch_device()))
+                                               device=str(host.torch_device()),
+                                               names={"weights": "clip_weights", "model": "clip_model"})
         else:
             scorer = None
             note = "no prompts given"

@@ -5,7 +5,8 @@ import os
 
 from . import host
 from .identity_patch import IdentityAttn2Patch
-from .prompt_encoding import check_family, clip_family, encode_with_vectors, initializer_text, plan_prompt
+from .prompt_encoding import check_family, clip_family, encode_with_vectors, initializer_conditioning, plan_prompt
+from .sampling_support import check_model_sampling
 from ..sefi_core.identity import Identity, load_identity
 from ..sefi_core.routing import Binding
 from ..sefi_core.stages import stage_combinations
@@ -83,25 +84,27 @@ class SeFiApplyIdentity:
         identities = [identity] + [extra[slot] for slot in EXTRA_IDENTITY_SLOTS if extra.get(slot) is not None]
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
+        check_model_sampling(model, "SeFi Apply Identity")
         family = clip_family(clip)
         for slot, ident in zip(["identity", *EXTRA_IDENTITY_SLOTS], identities):
             check_family(ident, family, slot)
 
         plan = plan_prompt(clip, text, identities, strength)
-        base, pooled = encode_with_vectors(clip, plan, [{e: i.fallback(e) for e in i.encoders} for i in identities])
-        off, _ = clip.encode_from_tokens(clip.tokenize(initializer_text(text, identities)), return_pooled=True)
+        base, _ = encode_with_vectors(clip, plan, [{e: i.fallback(e) for e in i.encoders} for i in identities])
+        off, pooled = initializer_conditioning(clip, text, identities)
         combos = stage_combinations([i.stages for i in identities])
+        block = len(next(iter(plan.tokens.values()))[0])  # the tokenizer's chunk length (77): the concat grid
         bindings = []
         for combo in combos:
             keys, _ = encode_with_vectors(clip, plan, [{e: i.stage_tokens(e, s)[0] for e in i.encoders}
                                                        for i, s in zip(identities, combo)])
             values, _ = encode_with_vectors(clip, plan, [{e: i.stage_tokens(e, s)[1] for e in i.encoders}
                                                          for i, s in zip(identities, combo)])
-            bindings.append(Binding(base, keys, values))
+            bindings.append(Binding(base, keys, values, block))
 
         sampling = model.get_model_object("model_sampling")
         patch = IdentityAttn2Patch(sampling, [i.stages for i in identities], combos, bindings,
-                                   Binding(base, off, off), sampling.percent_to_sigma(start_percent),
+                                   Binding(base, off, off, block), sampling.percent_to_sigma(start_percent),
                                    sampling.percent_to_sigma(end_percent))
         patched = model.clone()
         patched.set_model_attn2_patch(patch)

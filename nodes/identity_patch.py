@@ -7,12 +7,15 @@ negative prompt, other positive prompts and area/masked conds pass through uncha
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 
 from ..sefi_core.routing import Binding, ContextRouter
 from ..sefi_core.stages import stage_of_timestep
+
+log = logging.getLogger("sefi")
 
 
 class IdentityAttn2Patch:
@@ -26,11 +29,22 @@ class IdentityAttn2Patch:
                  bindings: Sequence[Binding], off_binding: Binding, sigma_start: float, sigma_end: float):
         self.model_sampling = model_sampling
         self.stage_counts = tuple(stage_counts)
-        self.routers = {combo: ContextRouter([b]) for combo, b in zip(combos, bindings)}
-        self.off_router = ContextRouter([off_binding])
+        self.routers = {combo: ContextRouter([b], on_unspliced=self._warn_unspliced)
+                        for combo, b in zip(combos, bindings)}
+        self.off_router = ContextRouter([off_binding], on_unspliced=self._warn_unspliced)
         self.sigma_start, self.sigma_end = float(sigma_start), float(sigma_end)
         self._last_sigmas: torch.Tensor | None = None
+        self._last_sigma: float | None = None
         self._last_router: ContextRouter | None = None
+        self._warned = False
+
+    def _warn_unspliced(self) -> None:
+        if not self._warned:  # once per sampling run (reset when the sigmas rise again: a new run starts)
+            self._warned = True
+            log.warning("[SeFi] SeFi Apply Identity: its conditioning reaches the sampler glued to other tokens "
+                        "(ConditioningConcat) and its per-stage key/value prompt is longer than the conditioning, "
+                        "so it cannot take its place there; this part of the prompt uses the identity's "
+                        "single-vector fallback. Concatenate before encoding (one prompt), or shorten the prompt.")
 
     def __deepcopy__(self, memo):
         # ModelPatcher.clone() deep-copies model_options; the patch is immutable apart from its caches, and
@@ -43,6 +57,9 @@ class IdentityAttn2Patch:
             return self._last_router
         sigma = sigmas.reshape(-1)[:1]
         value = float(sigma)
+        if self._last_sigma is not None and value > self._last_sigma:
+            self._warned = False
+        self._last_sigma = value
         if not (self.sigma_end <= value <= self.sigma_start):
             router = self.off_router
         else:

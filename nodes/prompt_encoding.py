@@ -108,3 +108,13 @@ def initializer_text(text: str, identities: Sequence[Identity]) -> str:
         rewritten = re.sub(rf"\b{p.word}\s+(?={re.escape(word)}\b)", "", rewritten, flags=re.IGNORECASE)
         rewritten = rewritten.replace(p.word, word)
     return rewritten
+
+
+def initializer_conditioning(clip, text: str, identities: Sequence[Identity]):
+    """(cond, pooled) of `text` with every trigger replaced by its initializer word.
+
+    Its pooled output is the one rule for SDXL's pooled vector (the U-Net's `y`) wherever an identity is in the
+    prompt: SeFi Apply Identity returns it with its conditioning and the trainer builds `y` from it for its
+    training prompt, so the model sees at inference the `y` it was trained with. The identity itself reaches the
+    U-Net through cross-attention only (docs/method.md)."""
+    return clip.encode_from_tokens(clip.tokenize(initializer_text(text, identities)), return_pooled=True)

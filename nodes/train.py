@@ -1,6 +1,6 @@
 """SeFiTrainIdentity: learn a SeFi identity (per-stage K/V tokens) from face photos, inside ComfyUI.
 
-The loop is sefi_core.training.run_training; the model side is nodes/training_host.SefiStep. Files:
+The loop is sefi_core.training.run_training; the model side is nodes/training (SefiStep). Files:
 models/sefi_identities/<name>.safetensors (the identity) and models/sefi_identities/checkpoints/<name>.sefi-train
 (resumable state; the loader lists only .safetensors, so checkpoints stay out of its dropdown).
 """
@@ -16,19 +16,24 @@ import torch
 
 from . import host
 from .identity import CATEGORY, IDENTITY
-from .training_host import (DTYPE_NAMES, PRECISION_CHOICES, SefiStep, TextEncoder, fit_image, fit_mask,
+from .people_check import check_one_person
+from .sampling_support import check_model_sampling
+from .training import (DTYPE_NAMES, PRECISION_CHOICES, SefiStep, TextEncoder, fit_image, fit_mask,
                             peak_memory_bytes, reset_peak_memory, training_context)
+from ..sefi_core.atomic import longest_temp_name, stale_temp_files
 from ..sefi_core.generator import build_generator, rebuild_generator
 from ..sefi_core.identity import Identity, hash_array, save_identity
-from ..sefi_core.plot import render_loss_curve
-from ..sefi_core.training import (LOSS_SITES, TrainSettings, load_train_state, run_training,
-                                  save_train_state)
+from ..sefi_core.plot import render_loss_curve, term_shares
+from ..sefi_core.training import (LOSS_SITES, TrainSettings, TrainStateFileError, load_train_state,
+                                  run_training, save_train_state)
 
 log = logging.getLogger("sefi")
 
 PARAMETRISATIONS = {"self-attention generator": "self_attention", "direct tokens": "direct"}
 DEFAULT_LR = {"self_attention": 1e-4, "direct": 5e-3}
 CHECKPOINT_SUFFIX = ".sefi-train"
+CHECKPOINT_SIZE_HINT = ("400 MB for SD1.5, 1.5 GB for SDXL with the self-attention generator; under 1 MB for "
+                        "direct tokens")
 LOG_EVERY = 25
 
 PROGRESS_HOOKS: list = []
@@ -43,27 +48,169 @@ def checkpoint_dir() -> Path:
     return identity_dir() / "checkpoints"
 
 
+MAX_FILE_NAME_BYTES = 255
+"""The common file-name limit (ext4, NTFS, APFS, …); every file the trainer writes must fit, temp files included."""
+WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+WINDOWS_INVALID_CHARS = set('<>:"|?*')
+VALID_NAME_HINT = ("a valid name is a plain file name such as 'my_face': letters, digits, '-', '_' and '.', "
+                   "no folders, not starting with '.'")
+
+
+def produced_file_names(name: str) -> list[str]:
+    """Every file name a training run of `name` may create: the identity, its checkpoint, and their temp files."""
+    finals = [f"{name}.safetensors", f"{name}{CHECKPOINT_SUFFIX}"]
+    return finals + [longest_temp_name(f) for f in finals]
+
+
 def check_name(name: str) -> str:
-    """A plain file name for the identity (no folders, no '..'); '.safetensors' is added if missing."""
+    """The identity's name, checked completely before any work: a plain file name (no folders, no '..'), valid on
+    Windows too (workflows are shared across systems), and short enough that every file it produces — temp files
+    included — fits the file-system limit. '.safetensors' is dropped if given."""
     if not isinstance(name, str) or not name.strip():
-        raise ValueError("name must be a file name for the identity, e.g. 'my_face'")
-    name = name.strip()
-    if "/" in name or "\\" in name or ".." in name or name.startswith(".") or os.path.isabs(name):
-        raise ValueError(f"name {name!r} must be a plain file name without folders, path separators or '..' "
-                         f"(it is saved in {identity_dir()}); e.g. 'my_face'")
-    return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+        raise ValueError(f"name is empty; {VALID_NAME_HINT}")
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"name {name[:80]!r}{'…' if len(name) > 80 else ''} {what}; {VALID_NAME_HINT}")
+
+    control = sorted({f"U+{ord(c):04X}" for c in name if ord(c) < 32 or ord(c) == 127})
+    if control:
+        raise bad(f"contains control characters ({', '.join(control)})")
+    if "/" in name or "\\" in name or ".." in name or os.path.isabs(name):
+        raise bad(f"must be a plain file name without folders, path separators or '..' (it is saved in "
+                  f"{identity_dir()})")
+    if name.startswith("."):
+        raise bad("must not start with '.' (hidden files)")
+    if name != name.strip() or name.endswith("."):
+        raise bad("must not start or end with a space, nor end with '.' (Windows cannot open such files)")
+    invalid = sorted(set(name) & WINDOWS_INVALID_CHARS)
+    if invalid:
+        raise bad(f"contains {' '.join(invalid)}, which Windows does not allow in file names")
+    if name.split(".")[0].strip().upper() in WINDOWS_RESERVED:
+        raise bad(f"is a device name on Windows ({', '.join(sorted(WINDOWS_RESERVED)[:4])}, COM1…, LPT1…)")
+    longest = max(produced_file_names(name), key=lambda f: len(f.encode("utf-8")))
+    excess = len(longest.encode("utf-8")) - MAX_FILE_NAME_BYTES
+    if excess > 0:
+        raise bad(f"is too long: the files it produces (e.g. {longest[:40]}…) would exceed the "
+                  f"{MAX_FILE_NAME_BYTES}-byte file-name limit; shorten it by at least {excess} bytes "
+                  f"(UTF-8)")
+    return name
+
+
+def checkpoint_dirs() -> list[Path]:
+    """The 'checkpoints' folders of every registered sefi_identities folder (the trainer writes to the first)."""
+    dirs = [checkpoint_dir()]
+    for folder in host.folder_paths.get_folder_paths(host.IDENTITY_FOLDER):
+        d = Path(folder) / "checkpoints"
+        if d not in dirs:
+            dirs.append(d)
+    return dirs
+
+
+def _checkpoint_names(folders: list[Path]) -> list[str]:
+    names = set()
+    for d in folders:
+        if d.is_dir():
+            names.update(p.name[: -len(CHECKPOINT_SUFFIX)] for p in d.glob(f"*{CHECKPOINT_SUFFIX}") if p.is_file())
+    return sorted(names)
 
 
 def resolve_checkpoint(resume_from: str) -> Path:
+    """The checkpoint `resume_from` names: a name (or relative path) inside the registered sefi_identities
+    checkpoint folders. Anything else (absolute paths, '..', drive letters) is refused before the path is looked
+    at, so a graph can neither read arbitrary files nor learn whether they exist."""
     value = resume_from.strip()
-    candidates = [Path(value).expanduser()]
-    if not os.path.isabs(value):
-        candidates += [checkpoint_dir() / value, checkpoint_dir() / (value + CHECKPOINT_SUFFIX)]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise FileNotFoundError(f"resume_from={resume_from!r}: no training checkpoint found (looked at "
-                            f"{', '.join(str(c) for c in candidates)})")
+    folders = checkpoint_dirs()
+    where = ", ".join(str(d) for d in folders)
+    parts = value.replace("\\", "/").split("/")
+    if (os.path.isabs(value) or value.startswith(("/", "\\", "~")) or ":" in value or ".." in parts
+            or any(ord(c) < 32 for c in value) or "" in parts):
+        raise ValueError(f"resume_from must be the name of a training checkpoint in {where} (e.g. 'my_face', "
+                         f"as an interrupted run of name=my_face writes it), not a path elsewhere")
+    names = [value] if value.endswith(CHECKPOINT_SUFFIX) else [value + CHECKPOINT_SUFFIX, value]
+    for d in folders:
+        for n in names:
+            c = d.joinpath(*n.split("/"))
+            if c.is_file():
+                return c
+    found = _checkpoint_names(folders)
+    listing = f"; checkpoints there: {', '.join(found[:10])}{' …' if len(found) > 10 else ''}" if found else \
+        " (there are none)"
+    raise FileNotFoundError(f"resume_from={value[:80]!r}: no training checkpoint of that name in {where}{listing}")
+
+
+def _load_checkpoint(path: Path, resume_from: str):
+    try:
+        return load_train_state(path)
+    except TrainStateFileError as e:
+        raise ValueError(f"resume_from={resume_from}: {e}. Pick a checkpoint that SeFi Train Identity wrote, or "
+                         f"start a new run (resume_from empty)") from e
+
+
+STRUCTURE = (("parametrisation", "kind"), ("stages", "stages"), ("vectors_per_token", "vectors_per_token"),
+             ("kv_split", "kv_split"))
+"""Widgets that fix the shape of what is trained: a checkpoint continues only with the same values."""
+WIDGET_OF_SETTING = {"lr": "learning_rate", "masked_diffusion": "masked_diffusion_loss", "templates":
+                     "prompt_templates", "flip": "flip_augmentation", "scale_augment": "scale_augmentation"}
+"""TrainSettings fields whose node widget has another name."""
+LABEL_OF_KIND = {v: k for k, v in PARAMETRISATIONS.items()}
+
+
+def check_resume_structure(state, kind: str, stages: int, vectors_per_token: int, kv_split: bool,
+                           resume_from: str) -> None:
+    """Refuse to continue a checkpoint with a different structure, listing each differing widget."""
+    config = state.generator_config or {}
+    here = {"kind": kind, "stages": stages, "vectors_per_token": vectors_per_token, "kv_split": kv_split}
+    diffs = []
+    for widget, key in STRUCTURE:
+        theirs, ours = config.get(key), here[key]
+        if theirs != ours:
+            show = (lambda v: LABEL_OF_KIND.get(v, v)) if key == "kind" else (lambda v: v)
+            diffs.append(f"{widget} is {show(ours)!r} here but {show(theirs)!r} in the checkpoint")
+    if diffs:
+        raise ValueError(f"resume_from={resume_from}: the checkpoint's structure differs from this node's settings: "
+                         f"{'; '.join(diffs)}. Set these widgets to the checkpoint's values to continue it, or "
+                         f"start a new run (resume_from empty)")
+
+
+def log_resume_changes(state, settings: TrainSettings, name: str) -> dict:
+    """Settings that may change on resume (steps, learning_rate, loss weights, precision, …) take the node's values;
+    each change is logged and returned as {widget: [checkpoint value, now]} for the identity's metadata."""
+    now = settings.to_dict()
+    changed = {}
+    for key in sorted(set(state.settings) | set(now)):
+        if key in now and state.settings.get(key, now[key]) != now[key]:
+            changed[WIDGET_OF_SETTING.get(key, key)] = [state.settings.get(key), now[key]]
+    for widget, (old, new) in changed.items():
+        log.info("[SeFi] %s: resuming at step %d with %s %r (the checkpoint had %r)", name, state.step, widget, new,
+                 old)
+    return changed
+
+
+def _remove_stale_temp_files(paths: list[Path], name: str) -> None:
+    """Temp files a crash or kill left behind while writing this name's files (never anything else)."""
+    for path in paths:
+        for temp in stale_temp_files(path):
+            temp.unlink(missing_ok=True)
+            log.info("[SeFi] %s: removed %s, left over from an interrupted write", name, temp)
+
+
+def drop_faceless(pics: list, masks: list | None, name: str) -> tuple[list, list | None]:
+    """Drop images that hold no face: SeFi Face Mask's all-black placeholder crop (on_no_face=skip) or an all-zero
+    mask. Each dropped index is logged; none left is an error."""
+    empty = [i for i, p in enumerate(pics)
+             if float(p[..., :3].max()) == 0.0 or (masks is not None and float(masks[i].max()) == 0.0)]
+    if not empty:
+        return pics, masks
+    if len(empty) == len(pics):
+        raise ValueError(f"none of the {len(pics)} image(s) holds a face: each crop is black or its mask is empty "
+                         f"(SeFi Face Mask found no face and, set to skip such images, passed on its placeholder). "
+                         f"Give photos in which SeFi Face Mask finds a face, or check its face selection")
+    log.warning("[SeFi] %s: dropped image(s) %s of %d (indices from 0): black crop or empty mask, no face",
+                name, ", ".join(map(str, empty)), len(pics))
+    keep = [i for i in range(len(pics)) if i not in empty]
+    return [pics[i] for i in keep], None if masks is None else [masks[i] for i in keep]
 
 
 def _one(x):
@@ -125,7 +272,8 @@ class SeFiTrainIdentity:
                                                       "mask area (needs a mask)."}),
                 "prompt_templates": ("STRING", {"multiline": True, "default": "a photo of the face of {}",
                                                 "tooltip": "Training prompts, one per line; {} is the trigger."}),
-                "flip_augmentation": ("BOOLEAN", {"default": True, "tooltip": "Randomly mirror the photos."}),
+                "flip_augmentation": ("BOOLEAN", {"default": False, "tooltip": "Randomly mirror the photos. Off by "
+                                                "default: faces are not mirror-symmetric (parting, moles)."}),
                 "scale_augmentation": ("BOOLEAN", {"default": False, "tooltip": "Random zoom 0.9–1.1 (in latent "
                                                    "space)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "tooltip": "Seed of all training "
@@ -136,10 +284,12 @@ class SeFiTrainIdentity:
                 "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 100000, "tooltip": "Save a "
                                              "resumable checkpoint every N steps (0 = only at the end / on "
                                              "Cancel)."}),
-                "resume_from": ("STRING", {"default": "", "tooltip": "Checkpoint name or path to continue from "
-                                           "(empty = start fresh)."}),
+                "resume_from": ("STRING", {"default": "", "tooltip": "Name of a training checkpoint in "
+                                           "models/sefi_identities/checkpoints to continue from, e.g. the name of "
+                                           "an interrupted run (empty = start fresh)."}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing identity file of "
-                                          "the same name."}),
+                                          "the same name, or start over a run whose unfinished checkpoint has "
+                                          "that name."}),
                 "precision": (list(PRECISION_CHOICES), {"default": "auto", "tooltip": "Compute dtype of the "
                               "frozen U-Net: auto = fp32 on CPU, else the loaded model's own dtype, so its weights are "
                               "used in place; another choice casts them once (originals parked in RAM while "
@@ -152,6 +302,12 @@ class SeFiTrainIdentity:
             "optional": {
                 "mask": ("MASK", {"tooltip": "Face mask(s) matching the photos (e.g. from SeFi Face Mask); for "
                                   "attention_loss=mask and the masked diffusion loss."}),
+                "keep_checkpoint": ("BOOLEAN", {"default": False, "tooltip": "Keep the resumable checkpoint "
+                                    f"(~{CHECKPOINT_SIZE_HINT}) once the identity is saved; off = delete it then (an "
+                                    "interrupted or failed run always keeps it)."}),
+                "allow_multiple_people": ("BOOLEAN", {"default": False, "tooltip": "Train even when the photos "
+                                          "show different people (checked with face descriptors); off = refuse "
+                                          "such a batch, since the identity would be neither of them."}),
             },
         }
 
@@ -166,19 +322,21 @@ class SeFiTrainIdentity:
     def train(self, model, clip, vae, images, name, trigger="sks", initializer="person", steps=600,
               learning_rate=0.0, stages=5, vectors_per_token=1, parametrisation="self-attention generator",
               kv_split=True, attention_loss="reference", attention_weight=0.003, loss_sites="quarter",
-              masked_diffusion_loss=False, prompt_templates="a photo of the face of {}", flip_augmentation=True,
+              masked_diffusion_loss=False, prompt_templates="a photo of the face of {}", flip_augmentation=False,
               scale_augmentation=False, seed=0, resolution=512, batch_size=1, checkpoint_every=100,
-              resume_from="", overwrite=False, precision="auto", gradient_checkpointing=False, mask=None):
+              resume_from="", overwrite=False, precision="auto", gradient_checkpointing=False, mask=None,
+              keep_checkpoint=False, allow_multiple_people=False):
         model, clip, vae = _one(model), _one(clip), _one(vae)
         (name, trigger, initializer, steps, learning_rate, stages, vectors_per_token, parametrisation, kv_split,
          attention_loss, attention_weight, loss_sites, masked_diffusion_loss, prompt_templates,
          flip_augmentation, scale_augmentation, seed, resolution, batch_size, checkpoint_every, resume_from,
-         overwrite, precision, gradient_checkpointing) = map(
+         overwrite, precision, gradient_checkpointing, keep_checkpoint, allow_multiple_people) = map(
             _one, (name, trigger, initializer, steps, learning_rate, stages, vectors_per_token, parametrisation,
                    kv_split, attention_loss, attention_weight, loss_sites, masked_diffusion_loss, prompt_templates,
                    flip_augmentation, scale_augmentation, seed, resolution, batch_size, checkpoint_every,
-                   resume_from, overwrite, precision, gradient_checkpointing))
-        name = check_name(name)
+                   resume_from, overwrite, precision, gradient_checkpointing, keep_checkpoint,
+                   allow_multiple_people))
+        name = check_name(name)  # names, files and resume_from are checked before the model is touched
         out_path = identity_dir() / f"{name}.safetensors"
         if out_path.exists() and not overwrite:
             raise FileExistsError(f"an identity named '{name}' already exists ({out_path}); pick another name or "
@@ -196,10 +354,23 @@ class SeFiTrainIdentity:
             precision="fp32")  # the resolved dtype's name is filled in once the model is loaded
         ckpt_path = checkpoint_dir() / f"{name}{CHECKPOINT_SUFFIX}"
         resume_path = resolve_checkpoint(resume_from) if str(resume_from).strip() else None
+        if ckpt_path.exists() and resume_path != ckpt_path and not overwrite:
+            raise FileExistsError(
+                f"an unfinished training run named '{name}' has a checkpoint ({ckpt_path}); set resume_from={name} "
+                f"to continue it, or overwrite=true to start over (its checkpoint is then replaced), or pick "
+                f"another name")
+        if precision not in PRECISION_CHOICES:
+            raise ValueError(f"precision must be one of {list(PRECISION_CHOICES)}, got {precision!r}")
+        start_state = None
+        if resume_path is not None:
+            with torch.inference_mode(False):  # so the Adam state is made of ordinary tensors
+                start_state = _load_checkpoint(resume_path, resume_from)
+            check_resume_structure(start_state, kind, int(stages), int(vectors_per_token), bool(kv_split),
+                                   resume_from)
+        _remove_stale_temp_files([out_path, ckpt_path], name)
 
         pics = _image_list(images)
-        image_hashes = [hash_array((p[..., :3].float().cpu().numpy() * 255).round().astype(np.uint8)) for p in pics]
-        masks = None
+        mlist = None
         if mask is not None:
             mlist = []
             for m in (mask if isinstance(mask, list) else [mask]):
@@ -208,24 +379,28 @@ class SeFiTrainIdentity:
                 mlist = mlist * len(pics)
             if len(mlist) != len(pics):
                 raise ValueError(f"{len(mlist)} masks for {len(pics)} images; give one mask per image")
-            masks = torch.cat([fit_mask(m.float().cpu(), settings.resolution) for m in mlist])
+        pics, mlist = drop_faceless(pics, mlist, name)
+        check_one_person(pics, bool(allow_multiple_people))
+        image_hashes = [hash_array((p[..., :3].float().cpu().numpy() * 255).round().astype(np.uint8)) for p in pics]
+        masks = None if mlist is None else torch.cat([fit_mask(m.float().cpu(), settings.resolution) for m in mlist])
+        check_model_sampling(model, "SeFi Train Identity")
 
         device = host.torch_device()
-        if precision not in PRECISION_CHOICES:
-            raise ValueError(f"precision must be one of {list(PRECISION_CHOICES)}, got {precision!r}")
         with training_context(model, clip, precision) as dtype:
             settings.precision = DTYPE_NAMES[dtype]
+            changed = log_resume_changes(start_state, settings, name) if start_state is not None else {}
             reset_peak_memory(device)
-            # loaded here, outside inference mode, so the Adam state is made of ordinary tensors
-            start_state = load_train_state(resume_path) if resume_path is not None else None
             pixels = torch.cat([fit_image(p.float().cpu().clone(), settings.resolution) for p in pics])
             encoder = TextEncoder(clip)
-            step_fn = SefiStep(model, clip, vae, pixels, masks, settings, trigger, int(vectors_per_token), encoder)
+            step_fn = SefiStep(model, clip, vae, pixels, masks, settings, trigger, int(vectors_per_token), encoder,
+                               initializer)
             if start_state is not None:
                 generator = rebuild_generator(start_state.generator_config)
                 if sorted(generator.encoders) != sorted(encoder.encoders):
-                    raise ValueError(f"checkpoint {resume_path} was trained for encoders {generator.encoders}, "
-                                     f"this checkpoint's CLIP has {list(encoder.encoders)}")
+                    raise ValueError(f"resume_from={resume_from}: the checkpoint was trained with the text "
+                                     f"encoder(s) {sorted(generator.encoders)}, the connected clip has "
+                                     f"{sorted(encoder.encoders)}; connect the model family it was trained "
+                                     f"with (SD1.5: clip_l, SDXL: clip_l + clip_g)")
             else:
                 generator = build_generator(kind, encoder.initializer_embeddings(initializer),
                                             stages=int(stages), vectors_per_token=int(vectors_per_token),
@@ -244,13 +419,20 @@ class SeFiTrainIdentity:
                         final_loss=result.loss_history[-1] if result.loss_history else None,
                         peak_memory_bytes=peak, device=str(device), host=host.DISTRIBUTION,
                         initializer=initializer, gradient_checkpointing=bool(gradient_checkpointing))
+        if start_state is not None:
+            training.update(resumed_at_step=int(start_state.step), changed_on_resume=changed)
         identity = Identity(encoder.family, tokens, trigger, initializer, training, tuple(image_hashes))
         if out_path.exists() and not overwrite:
             raise FileExistsError(f"an identity named '{name}' appeared while training ({out_path}); the "
                                   f"checkpoint {ckpt_path} holds the result; resume it under another name")
         out_path.parent.mkdir(parents=True, exist_ok=True)
         save_identity(identity, out_path)
-        curve = torch.from_numpy(render_loss_curve(result.loss_history).astype(np.float32) / 255.0)[None]
+        if not keep_checkpoint and ckpt_path.exists():
+            ckpt_path.unlink()
+            log.info("[SeFi] %s: identity saved; deleted its training checkpoint %s (keep_checkpoint=true keeps "
+                     "it)", name, ckpt_path)
+        picture = render_loss_curve(result.loss_history, shares=term_shares(result.state.parts_history))
+        curve = torch.from_numpy(picture.astype(np.float32) / 255.0)[None]
         return identity, curve, out_path.name
 
     def _run(self, generator, step_fn, settings, start_state, ckpt_path: Path, name: str):
@@ -258,7 +440,7 @@ class SeFiTrainIdentity:
         bar = host.progress_bar(total)
         if start_state is not None:
             bar.update(int(start_state.step))
-        interrupted = []
+        saved_step = [start_state.step if start_state is not None else None]
         t0 = time.monotonic()
 
         def on_progress(step, total_, loss, parts):
@@ -271,24 +453,23 @@ class SeFiTrainIdentity:
                 hook(step, total_, loss, parts)
 
         def should_stop():
-            try:
-                host.raise_if_interrupted()
-            except host.InterruptProcessingException:
-                interrupted.append(True)
-                return True
+            host.raise_if_interrupted()  # raises on Cancel; so may the progress bar and the host's callbacks
             return False
 
         def save(state):
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
             save_train_state(state, ckpt_path)
+            saved_step[0] = state.step
 
-        result = run_training(generator, step_fn, settings, start_state=start_state, on_progress=on_progress,
-                              should_stop=should_stop, save_checkpoint=save)
-        if result.interrupted:
-            log.info("[SeFi] %s interrupted at step %d; checkpoint saved to %s (resume_from=%s)", name,
-                     result.steps_done, ckpt_path, ckpt_path.name)
-            raise host.InterruptProcessingException()
-        return result
+        try:
+            # run_training checkpoints the last completed step whichever host call raises the interrupt
+            return run_training(generator, step_fn, settings, start_state=start_state, on_progress=on_progress,
+                                should_stop=should_stop, save_checkpoint=save,
+                                interrupts=(host.InterruptProcessingException,))
+        except host.InterruptProcessingException:
+            log.info("[SeFi] %s: interrupted at step %s/%d, checkpoint %s (to continue: resume_from=%s)", name,
+                     saved_step[0], total, ckpt_path, name)
+            raise
 
 
 NODE_CLASS_MAPPINGS = {"SeFiTrainIdentity": SeFiTrainIdentity}

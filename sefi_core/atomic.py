@@ -14,9 +14,37 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "longest_temp_name", "stale_temp_files"]
 
 _TEMP_ATTEMPTS = 8
+_TOKEN_BYTES = 6  # 12 hex digits
+
+
+def _temp_name(name: str, token: str) -> str:
+    return f".{name}.{token}.tmp"
+
+
+def longest_temp_name(name: str) -> str:
+    """The (longest) name of a temporary file for target `name`, so callers can check file-name limits up front."""
+    return _temp_name(name, "0" * 2 * _TOKEN_BYTES)
+
+
+def stale_temp_files(path: str | os.PathLike[str]) -> list[Path]:
+    """Temporary files that writes of `path` left behind (a crash or kill between create and rename): exactly the
+    names this module makes for that target, nothing else in the folder."""
+    target = Path(path)
+    prefix, suffix = f".{target.name}.", ".tmp"
+    hex_len = 2 * _TOKEN_BYTES
+    if not target.parent.is_dir():
+        return []
+    found = []
+    for p in target.parent.iterdir():
+        n = p.name
+        if n.startswith(prefix) and n.endswith(suffix) and len(n) == len(prefix) + hex_len + len(suffix):
+            token = n[len(prefix):-len(suffix)]
+            if all(c in "0123456789abcdef" for c in token) and p.is_file() and not p.is_symlink():
+                found.append(p)
+    return sorted(found)
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
@@ -59,7 +87,7 @@ def _create_temp(directory: Path, name: str) -> tuple[int, Path]:
     """Create an exclusive hidden temp file; os.open with 0o666 lets the umask decide the final mode."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     for _ in range(_TEMP_ATTEMPTS):
-        temp = directory / f".{name}.{secrets.token_hex(6)}.tmp"
+        temp = directory / _temp_name(name, secrets.token_hex(_TOKEN_BYTES))
         try:
             return os.open(temp, flags, 0o666), temp
         except FileExistsError:

@@ -60,10 +60,14 @@ def _softmax_probs(q: Tensor, k: Tensor, heads: int, upcast: bool) -> Tensor:
     kh = _split_heads(k, heads, "k")
     if qh.shape[0] != kh.shape[0] or qh.shape[-1] != kh.shape[-1]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head width")
-    if upcast:
-        qh, kh = qh.float(), kh.float()
     scale = 1.0 / math.sqrt(qh.shape[-1])
-    return torch.softmax((qh @ kh.transpose(-1, -2)) * scale, dim=-1)  # [b, h, nq, nk]
+    if not upcast:
+        return torch.softmax((qh @ kh.transpose(-1, -2)) * scale, dim=-1)  # [b, h, nq, nk]
+    # An enclosing autocast region would run the matmul in its low-precision dtype again despite the .float():
+    # switch it off here so scores and softmax really are float32.
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        qh, kh = qh.float(), kh.float()
+        return torch.softmax((qh @ kh.transpose(-1, -2)) * scale, dim=-1)
 
 
 def attention_with_probs(
@@ -84,7 +88,7 @@ def attention_with_probs(
 
     ``upcast`` computes scores and softmax in float32 — a bf16/fp16 softmax is too coarse for
     the tiny per-token probabilities the loss compares (ComfyUI's ``attn_precision`` does the
-    same for its own attention).
+    same for its own attention) — also inside an ``autocast`` region, which is disabled for it.
     """
     probs = _softmax_probs(q, k, heads, upcast)
     vh = _split_heads(v, heads, "v")

@@ -596,19 +596,36 @@ class ClipScorer:
 _scorers: dict[tuple, ClipScorer] = {}
 
 
+CLI_OPTION_NAMES = {"weights": "--clip-weights", "model": "--clip-model"}
+"""How messages name the weights file and the architecture; the ComfyUI node passes its widget names instead."""
+
+
+def _load_failure(exc: BaseException) -> str:
+    """Why a weights file did not load, in one line, without passing on advice to weaken safety (torch suggests
+    re-running torch.load with weights_only=False, which would run any code a pickle holds)."""
+    text = str(exc)
+    if "weights_only" in text or "Weights only load failed" in text:
+        return ("the file is not plain weights that can be loaded safely (it holds pickled objects); use a "
+                ".safetensors or plain state-dict file from a source you trust")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
 def load_clip_scorer(weights: str | os.PathLike[str] | None, arch: str = "ViT-B-32",
                      config: str | os.PathLike[str] | None = None,
-                     device: str = "cpu") -> tuple[ClipScorer | None, str]:
+                     device: str = "cpu", names: dict[str, str] | None = None) -> tuple[ClipScorer | None, str]:
     """``(scorer, "")``, or ``(None, reason)`` when no image-text model can be used here. A weights path that
     does not exist is bad input (:class:`EvalInputError`); a missing package is a reason, not an error. The
-    last scorer is cached."""
+    last scorer is cached. ``names``: how to call the weights/model options in messages (CLI flags by default)."""
+    names = {**CLI_OPTION_NAMES, **(names or {})}
+    w, m = names["weights"], names["model"]
     if weights is None or not str(weights).strip():
-        return None, ("no image-text CLIP model given (pass --clip-weights with a local open_clip weights file, "
+        return None, (f"no image-text CLIP model given (set {w} to a local open_clip weights file, "
                       "e.g. ViT-B-32 'openai'; nothing is downloaded)")
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise EvalInputError(f"--clip-weights: {path} is not a file. Give a local open_clip weights file "
-                             "(.bin/.pt/.safetensors) for the architecture named by --clip-model; tags like 'openai' "
+        raise EvalInputError(f"{w}: {path} is not a file. Give a local open_clip weights file "
+                             f"(.bin/.pt/.safetensors) for the architecture named by {m}; tags like 'openai' "
                              "are not accepted because they would download")
     key = (str(path.resolve()), arch, None if config is None else str(config), device)
     if key in _scorers:
@@ -624,8 +641,8 @@ def load_clip_scorer(weights: str | os.PathLike[str] | None, arch: str = "ViT-B-
     except EvalInputError:
         raise
     except Exception as exc:
-        raise EvalInputError(f"Could not load {path} as open_clip '{arch}' ({type(exc).__name__}: {exc}). Check "
-                             "that --clip-model names the architecture these weights belong to") from exc
+        raise EvalInputError(f"Could not load {path} as open_clip '{arch}' ({_load_failure(exc)}). Check "
+                             f"that {m} names the architecture these weights belong to") from exc
     _scorers.clear()
     _scorers[key] = scorer
     return scorer, ""

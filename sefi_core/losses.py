@@ -32,6 +32,7 @@ __all__ = [
     "diffusion_target",
     "eps_from_denoised",
     "diffusion_loss",
+    "ATTENTION_REDUCTIONS",
     "reference_attention_loss",
     "mask_attention_loss",
     "attention_mass_inside",
@@ -152,6 +153,9 @@ def diffusion_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> 
     return (err * m).sum() / area
 
 
+ATTENTION_REDUCTIONS = ("sum_spatial", "mean")
+
+
 def _as_sites(x: Tensor | Sequence[Tensor], name: str) -> list[Tensor]:
     sites = [x] if isinstance(x, Tensor) else list(x)
     if not sites:
@@ -167,18 +171,26 @@ def reference_attention_loss(
     reference_probs: Tensor | Sequence[Tensor],
     *,
     per_head: bool = False,
+    reduction: str = "sum_spatial",
 ) -> Tensor:
-    """The paper's face-wise attention loss: MSE between identity and reference maps.
+    """The paper's face-wise attention loss: squared error between identity and reference maps.
 
     Each argument is one ``[b, heads, nq, T]`` tensor per loss site, columns paired one to one
-    (identity token slots against the reference prompt's "person" slots; method.md §2.2).
+    by the caller: by default (``attention_tokens="words_eos"``) every word of the training
+    prompt and its first end token against the same word of the reference prompt, the identity's
+    slots against the reference word ("person"); method.md §2.2, docs/method.md.
     Defaults (method.md §2.3, our choices — the paper gives no formula):
 
     * heads are averaged **before** comparing (Break-A-Scene); ``per_head=True`` compares
       each head (FastComposer),
-    * plain MSE with mean reduction over batch, queries and tokens; no max-normalisation
-      (both maps are softmaxes over the same keys with the same queries),
-    * sites are weighted equally (mean of the per-site MSEs, whatever their resolution).
+    * ``reduction="sum_spatial"``: per compared token, the squared L2 distance between the two
+      maps summed over the site's query positions (its spatial grid), then the mean over batch
+      and tokens — a map is compared as a whole picture, so the term does not shrink as the
+      grid grows. ``"mean"`` also averages over the queries (plain MSE; nq times smaller: 256 on
+      SD1.5's 16×16 sites). docs/method.md says why sum_spatial is the default and what
+      gradient share it gives λ = 0.003. No max-normalisation (both maps are softmaxes over the
+      same keys with the same queries),
+    * sites are weighted equally (mean over sites, whatever their resolution).
 
     The reference is detached here as well, so a caller cannot leak gradient through it.
     """
@@ -186,6 +198,8 @@ def reference_attention_loss(
     refs = _as_sites(reference_probs, "reference_probs")
     if len(ids) != len(refs):
         raise ValueError(f"{len(ids)} identity sites but {len(refs)} reference sites")
+    if reduction not in ATTENTION_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {ATTENTION_REDUCTIONS}, got {reduction!r}")
     losses = []
     for i, (a, r) in enumerate(zip(ids, refs)):
         if a.shape != r.shape:
@@ -194,7 +208,8 @@ def reference_attention_loss(
         r = r.detach().float()
         if not per_head:
             a, r = a.mean(dim=1), r.mean(dim=1)
-        losses.append((a - r).pow(2).mean())
+        err = (a - r).pow(2)  # [b, (heads,) nq, T]
+        losses.append(err.sum(dim=-2).mean() if reduction == "sum_spatial" else err.mean())
     return torch.stack(losses).mean()
 
 

@@ -3,7 +3,10 @@
 Diffusion losses are dominated by timestep noise (a step at t≈999 and one at t≈10 differ by
 orders of magnitude), so the raw curve alone says little. The plot draws the raw values
 faintly and an exponential moving average on top, and sets the y range from the bulk of the
-data (1st–99th percentile) so a single spike does not flatten everything else.
+data (1st–99th percentile) so a single spike does not flatten everything else. Where the run
+logged gradient shares (sefi_core.grad_share), the attention term's share of the gradient norm is
+drawn in green against a 0–100 % scale on the right: the loss values alone do not say whether the
+attention loss is doing anything.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["ema", "render_loss_curve"]
+__all__ = ["ema", "render_loss_curve", "term_shares"]
 
 _BG = (255, 255, 255)
 _AXIS = (40, 40, 40)
@@ -21,6 +24,7 @@ _GRID = (225, 225, 225)
 _RAW = (160, 190, 230)
 _SMOOTH = (200, 40, 40)
 _TEXT = (20, 20, 20)
+_SHARE = (30, 150, 60)
 
 
 def ema(values: Sequence[float], decay: float = 0.9) -> list[float]:
@@ -35,6 +39,12 @@ def ema(values: Sequence[float], decay: float = 0.9) -> list[float]:
     return out
 
 
+def term_shares(parts_history: Sequence[dict], term: str = "attention") -> list[tuple[int, float]]:
+    """(1-based step, share) for every logged step that has ``grad_share_<term>`` in its parts."""
+    key = f"grad_share_{term}"
+    return [(i + 1, float(p[key])) for i, p in enumerate(parts_history) if key in p and np.isfinite(p[key])]
+
+
 def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
@@ -46,6 +56,7 @@ def render_loss_curve(
     *,
     title: str = "training loss",
     smoothing: float | None = None,
+    shares: Sequence[tuple[int, float]] = (),
 ) -> np.ndarray:
     """Draw ``history`` (one loss per step) as an RGB ``uint8`` array ``[height, width, 3]``.
 
@@ -53,7 +64,8 @@ def render_loss_curve(
     (dark red), a legend with the last smoothed value. ``smoothing`` is the EMA decay; by
     default it grows with the run length (``1 - 20/len``, within [0.8, 0.99]) so a 600-step
     curve averages over ~20 steps. Non-finite values are skipped; an empty history gives an
-    empty frame saying so.
+    empty frame saying so. ``shares``: (step, attention gradient share in [0, 1]) points, drawn
+    in green on the right-hand 0–100 % scale with the last value in the legend.
     """
     if width < 64 or height < 48:
         raise ValueError(f"the loss plot needs at least 64x48 pixels, got {width}x{height}")
@@ -104,6 +116,16 @@ def render_loss_curve(
     else:
         draw.line(xy(steps, raw), fill=_RAW, width=1)
         draw.line(xy(steps, smooth), fill=_SMOOTH, width=2)
+    if len(shares):
+        pts = [(left + (s - x0) / (x1 - x0) * (right - left), bottom - min(max(v, 0.0), 1.0) * (bottom - top))
+               for s, v in shares]
+        if len(pts) > 1:
+            draw.line(pts, fill=_SHARE, width=1)
+        for px, py in pts:
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=_SHARE)
+        draw.text((right - 30, top), "100%", fill=_SHARE, font=font)
+        draw.text((left + 6, bottom - 12), f"attention grad share {100 * shares[-1][1]:.1f}%", fill=_SHARE,
+                  font=font)
     legend = f"EMA {smoothing:.3g}: {_fmt(float(smooth[-1]))}"
     x_legend = max(left + 6 * len(title) + 12, right - 6 * len(legend))
     draw.text((x_legend - 30, 3), "raw", fill=_RAW, font=font)

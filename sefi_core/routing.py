@@ -9,7 +9,7 @@ K-encoded prompt as keys and V-encoded prompt as values. Everything else passes 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,11 +20,13 @@ __all__ = ["Binding", "ContextRouter", "match_chunks", "route_contexts"]
 @dataclass(frozen=True, eq=False)
 class Binding:
     """One identity prompt at one stage: `base` [1, L0, C] recognises its chunks; `keys`/`values` [1, Lk, C]
-    replace them (keys feed to_k, values feed to_v)."""
+    replace them (keys feed to_k, values feed to_v). `block_len`: the host's text-chunk length (77 for CLIP),
+    the grid on which a concatenated conditioning may hold the base; 0 = the base's own length."""
 
     base: torch.Tensor
     keys: torch.Tensor
     values: torch.Tensor
+    block_len: int = 0
     _casts: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = field(
         default_factory=dict, init=False, repr=False
     )
@@ -63,44 +65,60 @@ def _split(context: torch.Tensor, codes: Sequence[int]) -> int:
     return context.shape[0] // len(codes)
 
 
-def _base_blocks(chunk: torch.Tensor, base: torch.Tensor, atol: float) -> tuple[bool, ...]:
-    """For each L0-token block of `chunk` [rows, L, C], whether it is `base` [1, L0, C] in every row.
+def _base_runs(chunk: torch.Tensor, base: torch.Tensor, block: int, atol: float) -> tuple[int, ...]:
+    """Token offsets where `base` [1, L0, C] stands in every row of `chunk` [rows, L, C], on the grid of `block`
+    tokens (the host's text-chunk length), found left to right without overlap.
 
-    A chunk that is our conditioning repeated to the LCM length matches in every block; one that ConditioningConcat
-    glued to other tokens matches in some. A length that is not a multiple of L0 matches nowhere."""
+    A chunk that is our conditioning repeated to the LCM length holds it at every multiple of L0; one that
+    ConditioningConcat glued to other prompts holds it somewhere on the chunk grid — also a multi-chunk prompt
+    (154 tokens) after a 77-token one. A length off the grid matches nowhere."""
     rows, length, width = chunk.shape
     base_len = base.shape[1]
-    if width != base.shape[2] or length % base_len:
+    if width != base.shape[2] or length < base_len or length % block or base_len % block:
         return ()
-    tiled = chunk.reshape(rows, length // base_len, base_len, width)
-    ref = base.reshape(1, 1, base_len, width)
-    if atol == 0:
-        same = (tiled == ref).all(dim=3).all(dim=2).all(dim=0)
-    else:
-        same = ((tiled - ref).abs() <= atol).all(dim=3).all(dim=2).all(dim=0)
-    return tuple(same.tolist())
+    nb, nbase = length // block, base_len // block
+    tiled = chunk.reshape(rows, nb, 1, block, width)
+    ref = base.reshape(1, 1, nbase, block, width)
+    close = (tiled == ref) if atol == 0 else ((tiled - ref).abs() <= atol)
+    same = close.all(dim=4).all(dim=3).all(dim=0).tolist()  # [nb][nbase]: chunk block i == base block j
+    runs, i = [], 0
+    while i + nbase <= nb:
+        if all(same[i + j][j] for j in range(nbase)):
+            runs.append(i * block)
+            i += nbase
+        else:
+            i += 1
+    return tuple(runs)
 
 
-ChunkMatch = tuple[int, tuple[bool, ...]]
-"""(binding index, which L0-blocks of the chunk hold that binding's base)."""
+ChunkMatch = tuple[int, tuple[int, ...], bool]
+"""(binding index, token offsets of that binding's base in the chunk, whether those runs fill the whole chunk)."""
 
 
 def _match(
     context: torch.Tensor, cond_or_uncond: Sequence[int], bindings: Sequence[Binding], atol: float
-) -> tuple[ChunkMatch | None, ...]:
+) -> tuple[tuple[ChunkMatch | None, ...], tuple[int, ...]]:
+    """Per chunk the match (or None), plus the bindings found glued to other tokens that cannot be spliced
+    (their keys are longer than their base, so they cannot take its place inside the chunk)."""
     per = _split(context, cond_or_uncond)
     matches: list[ChunkMatch | None] = []
+    unspliced: list[int] = []
     for i, code in enumerate(cond_or_uncond):
         found = None
         if code == 0:
             chunk = context[i * per : (i + 1) * per]
             for b, binding in enumerate(bindings):
-                blocks = _base_blocks(chunk, binding.cast(context.dtype, context.device)[0], atol)
-                if any(blocks) and (all(blocks) or binding.keys.shape[1] == binding.base.shape[1]):
-                    found = (b, blocks)
+                base = binding.cast(context.dtype, context.device)[0]
+                runs = _base_runs(chunk, base, binding.block_len or base.shape[1], atol)
+                if not runs:
+                    continue
+                whole = len(runs) * base.shape[1] == chunk.shape[1]
+                if whole or binding.keys.shape[1] == binding.base.shape[1]:
+                    found = (b, runs, whole)
                     break
+                unspliced.append(b)
         matches.append(found)
-    return tuple(matches)
+    return tuple(matches), tuple(unspliced)
 
 
 def match_chunks(
@@ -108,11 +126,12 @@ def match_chunks(
 ) -> tuple[int | None, ...]:
     """For each batch chunk, the index of the first binding whose base it holds (positive chunks only), else None.
 
-    A chunk holds a base when it is that base repeated, or contains it as whole aligned blocks (ConditioningConcat);
-    the latter only counts when the binding's keys have the base's length, so they can take its place.
-    Each comparison reads the chunk back to the host (a device sync); ContextRouter avoids repeating it.
+    A chunk holds a base when it is that base repeated, or contains it as whole runs on the chunk grid
+    (ConditioningConcat); the latter only counts when the binding's keys have the base's length, so they can
+    take its place. Each comparison reads the chunk back to the host (a device sync); ContextRouter avoids
+    repeating it.
     """
-    return tuple(None if m is None else m[0] for m in _match(context, cond_or_uncond, bindings, atol))
+    return tuple(None if m is None else m[0] for m in _match(context, cond_or_uncond, bindings, atol)[0])
 
 
 def _check_value(context: torch.Tensor, value: torch.Tensor) -> None:
@@ -120,13 +139,13 @@ def _check_value(context: torch.Tensor, value: torch.Tensor) -> None:
         raise ValueError(f"value {list(value.shape)} must have the batch and length of context {list(context.shape)}")
 
 
-def _swap_blocks(part: torch.Tensor, blocks: tuple[bool, ...], replacement: torch.Tensor) -> torch.Tensor:
-    """`part` [rows, L, C] with each flagged L0-block replaced by `replacement` [1, L0, C]."""
-    rows, length, width = part.shape
-    tiled = part.reshape(rows, len(blocks), length // len(blocks), width).clone()
-    flags = torch.tensor(blocks, device=part.device)
-    tiled[:, flags] = replacement.to(part.dtype).reshape(1, 1, -1, width)
-    return tiled.reshape(rows, length, width)
+def _swap_runs(part: torch.Tensor, runs: tuple[int, ...], replacement: torch.Tensor) -> torch.Tensor:
+    """`part` [rows, L, C] with the L0 tokens at each offset in `runs` replaced by `replacement` [1, L0, C]."""
+    out = part.clone()
+    span = replacement.shape[1]
+    for start in runs:
+        out[:, start : start + span] = replacement.to(part.dtype)
+    return out
 
 
 def _apply(
@@ -145,14 +164,14 @@ def _apply(
     for i, match in enumerate(matches):
         ctx_part, val_part = context[i * per : (i + 1) * per], value[i * per : (i + 1) * per]
         if match is not None:
-            b, blocks = match
+            b, runs, whole = match
             _, keys, _ = bindings[b].cast(context.dtype, context.device)
             _, _, values = bindings[b].cast(value.dtype, value.device)
-            if all(blocks):
+            if whole:
                 ctx_part, val_part = keys.expand(per, -1, -1), values.expand(per, -1, -1)
             else:
-                ctx_part = _swap_blocks(ctx_part, blocks, keys)
-                val_part = _swap_blocks(val_part, blocks, values)
+                ctx_part = _swap_runs(ctx_part, runs, keys)
+                val_part = _swap_runs(val_part, runs, values)
         ctx_parts.append(ctx_part)
         val_parts.append(val_part)
     # Repeat, never zero-pad: repeated tokens leave softmax attention unchanged, zero keys do not.
@@ -175,7 +194,7 @@ def route_contexts(
     keep their own context and value slices. When nothing matches, the very same tensor objects come back.
     """
     _check_value(context, value)
-    return _apply(context, value, _match(context, cond_or_uncond, bindings, atol), bindings)
+    return _apply(context, value, _match(context, cond_or_uncond, bindings, atol)[0], bindings)
 
 
 class ContextRouter:
@@ -186,11 +205,17 @@ class ContextRouter:
     too (the usual case) the routed pair itself is reused. The memo holds references to those tensors, so
     their memory cannot be reused by another tensor while remembered; it assumes no one edits a context
     tensor in place (inference tensors carry no version counter to check).
+
+    `on_unspliced` is called whenever a chunk holds one of our bases glued to other tokens that cannot be swapped
+    (see match_chunks): that conditioning then only has the identity's single-vector fallback, and the user
+    should hear why.
     """
 
-    def __init__(self, bindings: Sequence[Binding], atol: float = 0.0) -> None:
+    def __init__(self, bindings: Sequence[Binding], atol: float = 0.0,
+                 on_unspliced: Callable[[], None] | None = None) -> None:
         self.bindings = tuple(bindings)
         self.atol = atol
+        self.on_unspliced = on_unspliced
         self._last: tuple[torch.Tensor, tuple[int, ...], tuple[ChunkMatch | None, ...]] | None = None
         self._routed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -207,8 +232,10 @@ class ContextRouter:
                 return routed[2], routed[3]
             matches = last[2]
         else:
-            matches = _match(context, codes, self.bindings, self.atol)
+            matches, unspliced = _match(context, codes, self.bindings, self.atol)
             self._last = (context, codes, matches)
+            if unspliced and self.on_unspliced is not None:
+                self.on_unspliced()
         ctx, val = _apply(context, value, matches, self.bindings)
         self._routed = (context, value, ctx, val)
         return ctx, val

@@ -91,6 +91,14 @@ def check_trigger(trigger: object) -> str:
     return trigger
 
 
+def quote_excerpt(text: str, at: int, width: int = 80) -> str:
+    """At most `width` characters of `text` around position `at`, quoted, with '…' where it was cut: long prompts
+    must not flood an error message."""
+    start = max(0, min(at - width // 2, len(text) - width))
+    part = text[start:start + width]
+    return f"{'…' if start > 0 else ''}{part!r}{'…' if start + width < len(text) else ''}"
+
+
 def _trigger_pattern(triggers: Sequence[str]) -> re.Pattern[str]:
     """Whole-word, case-sensitive match of any trigger (longest first), not part of `embedding:name`.
 
@@ -120,9 +128,11 @@ def plan_placeholders(text: str, triggers: Mapping[str, int]) -> tuple[str, tupl
     missing = [t for t, c in counts.items() if c == 0]
     if missing:
         names = ", ".join(repr(t) for t in missing)
+        near = text.lower().find(missing[0].lower())  # e.g. 'SKS' or 'sks2': quote around it
         raise ValueError(
             f"the prompt must contain the trigger word {names} as a separate word (case-sensitive), "
-            f"e.g. 'a photo of {missing[0]}'; the prompt was: {text!r}"
+            f"e.g. 'a photo of {missing[0]}'; the prompt {'has, near it' if near >= 0 else 'begins'}: "
+            f"{quote_excerpt(text, max(near, 0))}"
         )
     lowered = text.lower()
     free = iter(w for w in PLACEHOLDER_WORDS if w not in lowered)

@@ -34,7 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_write
+from .grad_share import gradient_shares
 from .loss_scale import DynamicLossScale
+from .losses import ATTENTION_REDUCTIONS
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -78,7 +80,10 @@ class StepFn(Protocol):
     ``(seed, step)`` — draw **every** random number of the step from it (template choice,
     augmentation, timestep, noise; draw on CPU, then ``.to(device)``). ``step``: 0-based.
 
-    Returns ``(loss, parts)``: ``loss`` a 0-dim tensor connected to ``tokens`` (the loop calls
+    Returns ``(loss, parts)`` or ``(loss, parts, terms)``: ``terms`` maps each weighted loss term
+    (summing to ``loss``, e.g. ``{"diffusion": d, "attention": λ·a}``) to its tensor, so the loop
+    can log each term's share of the gradient (:mod:`sefi_core.grad_share`). ``loss`` a 0-dim
+    tensor connected to ``tokens`` (the loop calls
     ``backward`` on it), ``parts`` plain floats for logging (e.g. ``{"diffusion": …,
     "attention": …, "t": …}``).
     """
@@ -125,6 +130,12 @@ class TrainSettings:
     """Cross-attention sites the attention loss reads, by resolution relative to the latent:
     "quarter" = latent/4 (16×16 at SD1.5 512 px: input 7, 8 and output 3, 4, 5), "quarter+half"
     adds latent/2 (32×32), "all" = every cross-attention site."""
+    attention_reduction: str = "sum_spatial"
+    """How the attention term reduces a site's squared map differences (losses.reference_attention_loss):
+    "sum_spatial" (sum over the grid, mean over batch/tokens/sites; docs/method.md) or "mean" (plain MSE)."""
+    grad_share_every: int = 25
+    """Log each loss term's share of the gradient norm at step 1, every N steps and the last step (one extra
+    backward per term on those steps); 0 = never."""
     attention_tokens: str = "words_eos"
     """Token columns compared: "words_eos" = positions 1..first EOS; "identity" = the
     identity slots vs "person" only; "all" = all 77."""
@@ -133,7 +144,8 @@ class TrainSettings:
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     reference_word: str = "person"
     """Fills the template for the reference prompt ("a photo of the face of person")."""
-    flip: bool = True
+    flip: bool = False
+    """Horizontal flip augmentation; off by default: a face is not mirror-symmetric (docs/method.md)."""
     scale_augment: bool = False
     scale_range: tuple[float, float] = (0.9, 1.1)
     resolution: int = 512
@@ -195,6 +207,10 @@ class TrainSettings:
             f"resolution must be a multiple of 8 and >= 64, got {self.resolution!r}",
         )
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        need(self.attention_reduction in ATTENTION_REDUCTIONS,
+             f"attention_reduction must be one of {ATTENTION_REDUCTIONS}, got {self.attention_reduction!r}")
+        need(_is_int(self.grad_share_every) and self.grad_share_every >= 0,
+             f"grad_share_every must be an integer >= 0 (0 = off), got {self.grad_share_every!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types only (tuples become lists)."""
@@ -211,6 +227,12 @@ class TrainSettings:
         if unknown:
             raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
         return cls(**dict(data))
+
+
+def _share_due(done: int, settings: TrainSettings) -> bool:
+    """Whether 1-based step `done` logs gradient shares: the first, every grad_share_every-th and the last."""
+    every = settings.grad_share_every
+    return bool(every) and (done == 1 or done % every == 0 or done == settings.steps)
 
 
 def _is_int(x: object) -> bool:
@@ -275,11 +297,14 @@ class TrainingDivergedError(RuntimeError):
             if last_checkpoint_step is not None
             else "no checkpoint had been written yet"
         )
+        tries = [f"a lower learning_rate (now {settings.lr:g})"]
+        if settings.precision != "fp32":
+            tries.append(f"precision fp32 (now {settings.precision})")
+        if settings.attention_loss != "off" and settings.attention_weight > 0:
+            tries.append(f"a lower attention_weight (now {settings.attention_weight:g})")
         super().__init__(
             f"training diverged at step {step}/{total}: {what} (loss={loss}; parts: {parts_txt}); {kept}. "
-            f"Try a lower learning rate (now {settings.lr:g}), precision fp32 instead of {settings.precision} "
-            f"for the frozen models, a lower attention_weight (now {settings.attention_weight:g}), "
-            f"or gradient clipping (grad_clip_norm, now {settings.grad_clip_norm:g})."
+            f"Try {', or '.join(tries)}."
         )
 
 
@@ -358,6 +383,7 @@ def run_training(
     on_progress: Callable[[int, int, float, dict[str, float]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     save_checkpoint: Callable[[TrainState], None] | None = None,
+    interrupts: tuple[type[BaseException], ...] = (),
 ) -> TrainResult:
     """Train ``generator`` for ``settings.steps`` steps (continuing from ``start_state``).
 
@@ -378,6 +404,12 @@ def run_training(
 
     A final checkpoint is saved at the end. ``save_checkpoint`` receives a
     :class:`TrainState` of CPU copies; typically ``lambda s: save_train_state(s, path)``.
+
+    ``interrupts``: exception types that mean "the user cancelled" (the host's interrupt). Hosts
+    raise them from wherever they check — ``should_stop``, a progress-bar update inside
+    ``on_progress``, a callback inside ``step_fn`` — so whichever of these raises one, the loop
+    first checkpoints the last *completed* step (a step cut short has not touched the parameters
+    or the Adam state yet) and then re-raises it unchanged.
 
     Resuming: ``start_state`` restores the generator and the Adam moments exactly. Settings
     that change the trajectory (anything except ``steps`` and ``checkpoint_every``) should
@@ -450,7 +482,7 @@ def run_training(
                 rng.manual_seed(step_seed(settings.seed, step, "data"))
 
                 optimizer.zero_grad(set_to_none=True)
-                loss, parts = step_fn(generator(), rng, step)
+                loss, parts, *terms = step_fn(generator(), rng, step)
                 parts = {str(k): float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in parts.items()}
                 if not isinstance(loss, Tensor) or loss.numel() != 1:
                     raise TypeError(f"step_fn must return a scalar loss tensor, got {type(loss).__name__}")
@@ -460,6 +492,9 @@ def run_training(
                 if not math.isfinite(loss_value):
                     raise TrainingDivergedError(step + 1, settings.steps, loss_value, parts,
                                                 "the loss is not finite", settings, last_saved)
+                if terms and _share_due(step + 1, settings):
+                    scaled = {k: t if scaler is None else scaler.scaled(t) for k, t in terms[0].items()}
+                    parts.update(gradient_shares(scaled, params))  # ratios: the loss scale cancels
                 (loss if scaler is None else scaler.scaled(loss)).reshape(()).backward()
                 overflow = scaler is not None and not scaler.unscale_(params)
                 max_norm = settings.grad_clip_norm if settings.grad_clip_norm > 0 else math.inf
@@ -489,6 +524,9 @@ def run_training(
                 if save_checkpoint is not None and settings.checkpoint_every and step % settings.checkpoint_every == 0:
                     checkpoint()
             return TrainResult(checkpoint(), interrupted=False)
+    except interrupts:
+        checkpoint()
+        raise
     finally:
         generator.train(was_training)
 
@@ -568,9 +606,9 @@ def load_train_state(path: str | os.PathLike[str]) -> TrainState:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise TrainStateFileError(f"{p} is not a readable safetensors file ({e}); delete it to start over") from e
+        raise TrainStateFileError(f"{p.name} is not a readable SeFi training checkpoint ({e})") from e
     if metadata.get("sefi.format") != _FORMAT:
-        raise TrainStateFileError(f"{p} is not a SeFi training checkpoint (missing sefi.format={_FORMAT!r})")
+        raise TrainStateFileError(f"{p.name} is not a SeFi training checkpoint (missing sefi.format={_FORMAT!r})")
     if metadata.get("sefi.format_version") != _FORMAT_VERSION:
         raise TrainStateFileError(
             f"{p} has checkpoint format version {metadata.get('sefi.format_version')!r}; "
@@ -600,4 +638,4 @@ def load_train_state(path: str | os.PathLike[str]) -> TrainState:
             loss_scale=json.loads(metadata.get("sefi.loss_scale", "null")),
         )
     except (KeyError, ValueError) as e:
-        raise TrainStateFileError(f"{p} is a damaged SeFi training checkpoint ({e!r}); delete it to start over") from e
+        raise TrainStateFileError(f"{p.name} is a damaged SeFi training checkpoint ({e!r})") from e

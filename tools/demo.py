@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                     stages=5, vectors_per_token=1, parametrisation="self-attention generator", kv_split=True,
                     attention_loss="reference", attention_weight=0.003, loss_sites="quarter",
                     masked_diffusion_loss=False, prompt_templates="a photo of the face of {}",
-                    flip_augmentation=True, scale_augmentation=False, seed=0, resolution=resolution,
+                    flip_augmentation=False, scale_augmentation=False, seed=0, resolution=resolution,
                     batch_size=1, checkpoint_every=max(steps // 4, 1), resume_from="", overwrite=True)
     if not real:  # the tiny model needs a bigger step size to move visibly in a few steps
         settings.update(parametrisation="direct tokens", learning_rate=0.05, loss_sites="all")

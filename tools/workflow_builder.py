@@ -217,7 +217,7 @@ def train_identity() -> Workflow:
                    learning_rate=0.0, stages=5, vectors_per_token=1, parametrisation="self-attention generator",
                    kv_split=True, attention_loss="reference", attention_weight=0.003, loss_sites="quarter",
                    masked_diffusion_loss=False, prompt_templates="a photo of the face of {}\na close-up photo of {}",
-                   flip_augmentation=True, scale_augmentation=False, seed=0, resolution=512, batch_size=1,
+                   flip_augmentation=False, scale_augmentation=False, seed=0, resolution=512, batch_size=1,
                    checkpoint_every=100, resume_from="", overwrite=False, precision="auto",
                    gradient_checkpointing=False)
     wf.add("PreviewImage", col=3, title="Loss curve", images=train[1])

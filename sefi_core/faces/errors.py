@@ -25,7 +25,7 @@ class NoFaceError(FaceError):
             f"No face found in image(s) {which} of a batch of {batch_size} (indices start at 0)."
             + ("" if not self.details else " " + " ".join(self.details))
             + " Try: a larger or more frontal face photo, a different backend (insightface finds smaller and"
-            " more turned faces than dlib's HOG detector), select='largest' or 'all' instead of an index that"
+            " more turned faces than dlib's HOG detector), which_face='largest' or 'all' instead of an index that"
             " is out of range, or on_no_face='skip' to drop these images with a warning."
         )
         if hint:

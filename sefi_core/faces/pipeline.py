@@ -57,12 +57,12 @@ class FaceMaskOptions:
     def __post_init__(self) -> None:
         backend = self.backend.strip().lower()
         if backend not in BACKEND_NAMES:
-            raise ValueError(f"Unknown face backend {self.backend!r}: use one of {', '.join(BACKEND_NAMES)}")
+            raise ValueError(f"Unknown backend {self.backend!r}: use one of {', '.join(BACKEND_NAMES)}")
         object.__setattr__(self, "backend", backend)
         object.__setattr__(self, "mask_shape", normalize_mask_shape(self.mask_shape))
         select = self.select.strip().lower()
         if select not in SELECT_MODES:
-            raise ValueError(f"Unknown face selection {self.select!r}: use one of {', '.join(SELECT_MODES)}")
+            raise ValueError(f"Unknown which_face {self.select!r}: use one of {', '.join(SELECT_MODES)}")
         object.__setattr__(self, "select", select)
         mode = self.on_no_face.strip().lower()
         if mode not in NO_FACE_MODES:
@@ -139,10 +139,19 @@ class FaceOutputs:
         return list(self.masks)
 
 
-def _describe_missing(i: int, faces: list[Face], options: FaceMaskOptions) -> str:
+MIN_FACE_PX = 20
+"""The smallest face the detectors find: dlib's HOG about 80 px, 20 px with the 2x upsampling small images get."""
+
+
+def _describe_missing(i: int, faces: list[Face], options: FaceMaskOptions, shape: tuple[int, ...]) -> str:
     if not faces:
+        h, w = shape[:2]
+        if min(h, w) < MIN_FACE_PX:
+            return (f"image {i} is {w}x{h} px: face too small: at least {MIN_FACE_PX} px is needed (use a larger "
+                    f"photo or scale it up).")
         return f"image {i}: no face detected."
-    return f"image {i}: {len(faces)} face(s) detected but index {options.index} is out of range."
+    return (f"image {i}: {len(faces)} face(s) detected but face_index {options.index} is out of range "
+            f"(which_face=index).")
 
 
 def build_face_outputs(
@@ -177,7 +186,7 @@ def build_face_outputs(
 
     selected = [select_faces(f, options.select, options.index) for f in detected]
     missing = [i for i, s in enumerate(selected) if not s]
-    details = [_describe_missing(i, detected[i], options) for i in missing]
+    details = [_describe_missing(i, detected[i], options, rgb[i].shape) for i in missing]
     if missing and options.on_no_face == "error":
         raise NoFaceError(missing, len(rgb), details)
     if missing:

@@ -30,4 +30,4 @@ def select_faces(faces: Sequence[Face], mode: str = "largest", index: int = 0) -
         if -len(ordered) <= index < len(ordered):
             return [ordered[index]]
         return []
-    raise ValueError(f"Unknown face selection {mode!r}: use one of {', '.join(SELECT_MODES)}")
+    raise ValueError(f"Unknown which_face {mode!r}: use one of {', '.join(SELECT_MODES)}")

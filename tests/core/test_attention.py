@@ -71,6 +71,19 @@ def test_upcast_returns_float32_probs_and_input_dtype_output() -> None:
     torch.testing.assert_close(probs, ref)
 
 
+def test_upcast_holds_inside_a_bf16_autocast_region() -> None:
+    """The training U-Net may run under autocast; the loss maps must still be float32 softmaxes of the bf16
+    inputs, not bf16 matmuls (measured before the fix: 4.6 % mean, 17 % worst relative error)."""
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv(nq=256, heads=8, dh=40))
+    exact = _full_softmax(q.double(), k.double(), 8).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, probs = attention_with_probs(q, k, v, 8, None)
+        ref = reference_probs(q, k, 8, None)
+    assert probs.dtype == torch.float32 and ref.dtype == torch.float32
+    torch.testing.assert_close(probs, exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref, exact, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_probs_are_detached_and_exact() -> None:
     q, k, _ = _qkv()
     q.requires_grad_()

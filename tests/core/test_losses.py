@@ -94,22 +94,24 @@ def test_diffusion_loss_unmasked_and_masked() -> None:
         diffusion_loss(pred, target2, torch.zeros(64, 64))
 
 
-def test_reference_loss_is_headmean_mse_and_site_mean() -> None:
+def test_reference_loss_sums_the_grid_of_head_means_and_averages_sites() -> None:
     g = torch.Generator().manual_seed(0)
     a1, r1 = torch.rand(2, 4, 16, 3, generator=g), torch.rand(2, 4, 16, 3, generator=g)
     a2, r2 = torch.rand(2, 4, 64, 3, generator=g), torch.rand(2, 4, 64, 3, generator=g)
     expected = (
-        (a1.mean(1) - r1.mean(1)).pow(2).mean() + (a2.mean(1) - r2.mean(1)).pow(2).mean()
+        (a1.mean(1) - r1.mean(1)).pow(2).sum(1).mean() + (a2.mean(1) - r2.mean(1)).pow(2).sum(1).mean()
     ) / 2
     torch.testing.assert_close(reference_attention_loss([a1, a2], [r1, r2]), expected)
-    torch.testing.assert_close(reference_attention_loss(a1, r1, per_head=True), (a1 - r1).pow(2).mean())
+    torch.testing.assert_close(reference_attention_loss(a1, r1, per_head=True), (a1 - r1).pow(2).sum(2).mean())
+    mse = ((a1.mean(1) - r1.mean(1)).pow(2).mean() + (a2.mean(1) - r2.mean(1)).pow(2).mean()) / 2
+    torch.testing.assert_close(reference_attention_loss([a1, a2], [r1, r2], reduction="mean"), mse)
 
 
 def test_reference_loss_averages_heads_before_comparing() -> None:
     ref = torch.full((1, 2, 4, 1), 0.5)
     ident = torch.tensor([0.2, 0.8]).view(1, 2, 1, 1).expand(1, 2, 4, 1)  # heads disagree, mean agrees
     assert reference_attention_loss(ident, ref).item() == pytest.approx(0.0)
-    assert reference_attention_loss(ident, ref, per_head=True).item() == pytest.approx(0.09)
+    assert reference_attention_loss(ident, ref, per_head=True).item() == pytest.approx(0.09 * 4)  # 4 queries
 
 
 def test_reference_side_gets_no_gradient() -> None:

@@ -253,3 +253,37 @@ def test_router_reuses_the_routed_pair_within_a_step_and_respects_a_new_value() 
     other_value = context * 2  # an earlier patch changed the value input: route it, do not reuse
     ctx, val = router(context, other_value, [1, 0])
     assert torch.equal(ctx, first[0]) and torch.equal(val[:1], other_value[:1]) and torch.equal(val[1:], b.values)
+
+
+def test_multi_chunk_prompt_concatenated_with_a_short_one_is_routed() -> None:
+    """A 154-token identity prompt glued after (or before) a 77-token one: both of its chunks take the stage's
+    keys/values on the 77-token grid, the glued-on prompt keeps its own (before: only the fallback, silently)."""
+    base = rand(154, 31)
+    b = Binding(base, rand(154, 32), rand(154, 33), block_len=77)
+    other = rand(77, 34)
+    for parts, at in (([other, base], 77), ([base, other], 0)):
+        chunk = torch.cat(parts, dim=1)  # 231 tokens: no multiple of 154
+        context = torch.cat([NEG.repeat(1, 3, 1), chunk])
+        ctx, val = route_contexts(context, context, [1, 0], [b])
+        assert torch.equal(ctx[1:, at:at + 154], b.keys) and torch.equal(val[1:, at:at + 154], b.values)
+        keep = slice(0, 77) if at else slice(154, 231)
+        assert torch.equal(ctx[1:, keep], other) and torch.equal(ctx[:1], context[:1])
+
+
+def test_off_grid_run_is_not_ours() -> None:
+    """On the 77-token grid, a base that starts mid-chunk is someone else's tokens that happen to match."""
+    base = rand(154, 41)
+    b = Binding(base, rand(154, 42), rand(154, 43), block_len=77)
+    chunk = torch.cat([rand(38, 44), base, rand(39, 45)], dim=1)
+    assert match_chunks(chunk, [0], [b]) == (None,)
+
+
+def test_router_reports_a_concatenation_it_cannot_splice() -> None:
+    base = rand(77, 51)
+    calls = []
+    router = ContextRouter([Binding(base, rand(154, 52), rand(154, 53))], on_unspliced=lambda: calls.append(1))
+    chunk = torch.cat([base, rand(77, 54)], dim=1)
+    assert router(chunk, chunk, [0])[0] is chunk
+    assert calls == [1]
+    router(torch.cat([base, base], dim=1), torch.cat([base, base], dim=1), [0])  # whole chunk: spliced, silent
+    assert calls == [1]

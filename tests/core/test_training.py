@@ -195,6 +195,58 @@ def test_interrupt_then_resume_is_bit_identical(tmp_path: Path) -> None:
     assert saved_steps[-1] == 12
 
 
+class Cancel(Exception):
+    """Stands for the host's InterruptProcessingException."""
+
+
+@pytest.mark.parametrize("where", ["should_stop", "on_progress", "step_fn"])
+def test_interrupt_raised_by_any_host_call_checkpoints_the_last_completed_step(tmp_path: Path, where: str) -> None:
+    """Hosts raise Cancel from wherever they look (the stop check, the progress bar inside on_progress, a callback
+    inside the step): the loop saves the last completed step, re-raises the same exception, and resuming from the
+    file continues exactly (checkpoint_every=0: nothing else would have been saved)."""
+    settings = _settings(steps=9, checkpoint_every=0)
+    full = run_training(_generator(), Toy("reference"), settings)
+    ckpt = tmp_path / "train.safetensors"
+    toy = Toy("reference")
+    stop_step = 6
+
+    def step_fn(tokens, rng, step):
+        if where == "step_fn" and step == stop_step:
+            raise Cancel()  # mid-step: step `stop_step` (0-based) has not updated anything yet
+        return toy(tokens, rng, step)
+
+    def on_progress(step, total, loss, parts):
+        if where == "on_progress" and step == stop_step:
+            raise Cancel()  # after step `stop_step` completed, before anything else ran
+
+    polls = {"n": 0}
+
+    def should_stop() -> bool:
+        polls["n"] += 1
+        if where == "should_stop" and polls["n"] == stop_step + 1:
+            raise Cancel()
+        return False
+
+    with pytest.raises(Cancel):
+        run_training(_generator(), step_fn, settings, on_progress=on_progress, should_stop=should_stop,
+                     save_checkpoint=lambda s: save_train_state(s, ckpt), interrupts=(Cancel,))
+    state = load_train_state(ckpt)
+    assert state.step == stop_step and state.loss_history == full.loss_history[:stop_step]
+    rest = run_training(rebuild_generator(state.generator_config), Toy("reference"), settings, start_state=state)
+    assert _same_tensors(rest.state.generator, full.state.generator)
+    assert rest.loss_history == full.loss_history
+
+
+def test_other_exceptions_are_not_taken_for_an_interrupt(tmp_path: Path) -> None:
+    def boom(step, total, loss, parts):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_training(_generator(), Toy(), _settings(steps=3, checkpoint_every=0), on_progress=boom,
+                     save_checkpoint=lambda s: pytest.fail("only an interrupt saves on the way out"),
+                     interrupts=(Cancel,))
+
+
 def test_saved_state_restores_adam_exactly(tmp_path: Path) -> None:
     result = run_training(_generator(kind="direct"), Toy(), _settings(steps=4, checkpoint_every=0))
     path = save_train_state(result.state, tmp_path / "s.safetensors")
@@ -241,7 +293,10 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> N
     err = info.value
     assert err.step == 8 and err.last_checkpoint_step == 5
     msg = str(err)
-    assert "step 8/12" in msg and "diffusion=" in msg and "lower learning rate" in msg and "fp32" in msg
+    assert "step 8/12" in msg and "diffusion=" in msg and "lower learning_rate (now 0.003)" in msg
+    assert "precision fp32 (now bf16)" in msg and "grad_clip_norm" not in msg
+    fp32 = str(TrainingDivergedError(2, 3, float("nan"), {}, "x", _settings(precision="fp32"), None))
+    assert "precision" not in fp32 and "lower learning_rate" in fp32
     assert load_train_state(ckpt).step == 5
     assert all(torch.isfinite(p).all() for p in gen.parameters())
 

@@ -48,3 +48,21 @@ def test_sd1_identity_on_sdxl_clip_is_refused(host, sdxl, pack):
     with pytest.raises(ValueError, match="SD1.*SDXL"):
         host.run("SeFiApplyIdentity", model=model, clip=clip, identity=sd1, text="a photo of sks person",
                  strength=1.0, start_percent=0.0, end_percent=1.0)
+
+
+def test_pooled_y_is_built_by_one_rule_in_training_and_at_inference(host, sdxl, pack, face_photo):
+    """SDXL's `y` (pooled CLIP-G + size embedding): the trainer's for its template equals the one the sampler builds
+    from SeFi Apply Identity's conditioning for that template's prompt (before: trainer from "... of person",
+    apply node from the prompt with the lossy fallback vector)."""
+    th = pack.glue("training")
+    model, clip, vae = sdxl
+    identity = _sdxl_identity(pack, 3)
+    res, template = 64, "a close-up photo of the face of {}"
+    settings = pack.core("training").TrainSettings(steps=1, resolution=res, flip=False, templates=[template])
+    with torch.inference_mode(), th.training_context(model, clip):
+        step = th.SefiStep(model, clip, vae, th.fit_image(face_photo("obama_1.jpg", 96), res), None, settings, "sks",
+                           1, initializer="person")
+    cond = host.run("SeFiApplyIdentity", model=model, clip=clip, identity=identity, text=template.format("sks"),
+                    strength=1.0, start_percent=0.0, end_percent=1.0)[1]
+    inference_y = th.adm_input(model, cond[0][1]["pooled_output"], res)
+    torch.testing.assert_close(step.adm[0], inference_y, rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""SeFiTrainIdentity and its host adapter (nodes/training_host.py) in the real host with the tiny SD1.5
+"""SeFiTrainIdentity and its host adapter (nodes/training/) in the real host with the tiny SD1.5
 checkpoint. Runs at 64 px with few steps so the whole file stays within a few CPU minutes."""
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _settings(pack, **kw):
 
 def _evaluate(pack, sd15, photo, tokens, mask=None, **kw):
     """Diffusion loss and identity/reference maps of `tokens` for fixed (t, noise) pairs (no augmentation)."""
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model, clip, vae = sd15
     g = torch.Generator().manual_seed(11)
     pairs = [(t, torch.randn(1, 4, RES // 8, RES // 8, generator=g)) for t in (50, 150, 300, 450, 600, 750, 900)]
@@ -62,7 +62,7 @@ def _evaluate(pack, sd15, photo, tokens, mask=None, **kw):
 
 
 def test_manual_clip_matches_host_encode_and_has_gradient(host, sd15, pack):
-    th, pe = pack.glue("training_host"), pack.glue("prompt_encoding")
+    th, pe = pack.glue("training"), pack.glue("prompt_encoding")
     model, clip, _ = sd15
     g = torch.Generator().manual_seed(0)
     vec = torch.randn(1, 1, 768, generator=g) * 0.02
@@ -74,7 +74,7 @@ def test_manual_clip_matches_host_encode_and_has_gradient(host, sd15, pack):
             ours = enc.encode(torch.tensor([p.ids]), p.slots, v)
             ours.pow(2).mean().backward()
             grad = v.grad.clone()
-        plan = pe.plan_prompt(clip, TEMPLATE.format("sks"), [th._Trigger("sks", 1)], 1.0)
+        plan = pe.plan_prompt(clip, TEMPLATE.format("sks"), [th.TriggerWord("sks", 1)], 1.0)
         theirs, _ = pe.encode_with_vectors(clip, plan, [{"clip_l": vec[0]}])
     assert [t for t, *_ in plan.tokens["l"][0]] == p.ids
     torch.testing.assert_close(ours.detach(), theirs.float(), atol=1e-3, rtol=1e-3)
@@ -85,7 +85,7 @@ def test_clip_gradient_keeps_no_widened_weight_copies(host, sd15, pack):
     """CLIP is stored in fp16 and computed in fp32: during training its linears widen the weights per call, so what
     autograd keeps for backward are the stored weights themselves (no fp32 copy of CLIP), and the text gradient
     equals the one through a plain fp32 copy of CLIP run by the host's own layers."""
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model, clip, _ = sd15
     text = clip.cond_stage_model
     vec = torch.randn(1, 1, 768, generator=torch.Generator().manual_seed(1)) * 0.02
@@ -127,7 +127,7 @@ def test_training_lowers_fixed_noise_loss(host, sd15, pack, photo, trained_off):
     """Direct tokens, one image, lr 0.05 so 8 CPU steps move them: the diffusion loss at fixed (t, noise) pairs
     is lower with the trained tokens than with the initializer tokens."""
     identity, curve, fname = trained_off
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model, clip, _ = sd15
     with torch.inference_mode(), th.training_context(model, clip):
         init = th.TextEncoder(clip).initializer_embedding("person")
@@ -168,29 +168,64 @@ def test_attention_losses_move_the_maps(host, sd15, pack, photo, face_mask, trai
     assert inside(mask_eval) > inside(off_eval), (inside(mask_eval), inside(off_eval))
 
 
-def test_interrupt_checkpoint_and_exact_resume(host, sd15, pack, photo):
-    """Cancel at step 2 of 4 → the host's interrupt propagates, the checkpoint loads, and resuming gives tokens
-    identical to an uninterrupted run (self-attention generator, with dropout)."""
-    train = pack.glue("train")
-    hostmod = pack.glue("host")
-    tr = pack.core("training")
-    common = dict(steps=4, parametrisation="self-attention generator", stages=2)
+def test_cancel_from_another_thread_saves_the_step_reached_and_resumes_exactly(host, sd15, pack, photo, caplog):
+    """Cancel the way the UI does it: another thread calls the host's interrupt_current_processing while training
+    runs. The host raises it from inside the progress-bar update (PyPI's bar checks the flag; upstream's does through
+    the hook its server installs, installed here the same way) or from its stop check; either way the last completed
+    step is checkpointed (checkpoint_every=0: nothing else saves it), the log names it, the interrupt propagates,
+    and resuming gives the tokens of an uninterrupted run. tests/core/test_training.py checks each raising site."""
+    import re
+    import threading
+    train, hostmod, tr = pack.glue("train"), pack.glue("host"), pack.core("training")
+    mm = hostmod.model_management
+    common = dict(steps=5, parametrisation="self-attention generator", stages=2, checkpoint_every=0)
     full = _train(host, sd15, photo, name="full", **common)[0]
+    reached, sent, done = threading.Event(), threading.Event(), threading.Event()
 
-    def cancel(step, total, loss, parts):
-        if step == 2:
+    def observe(step, total, loss, parts):  # only watches: the interrupt comes from the other thread, mostly
+        if step == 2:                       # while step 3 computes; waiting at step 3 keeps it within the run
+            reached.set()
+        if step == 3:
+            assert sent.wait(300)
+
+    def press_cancel():
+        reached.wait()  # set at step 2, or by the finally below if training never got there
+        if not done.is_set():
             hostmod.interrupt_current_processing(True)
-    train.PROGRESS_HOOKS.append(cancel)
+        sent.set()
+
+    def server_progress_hook(value, total, preview, **kw):  # what upstream's server installs (main.py)
+        mm.throw_exception_if_processing_interrupted()
+
+    # PyPI 0.0.1's ProgressBar.update always checks the flag; upstream's does through the hook its server sets
+    utils = hostmod.comfy.utils
+    hookable = hasattr(utils, "set_progress_bar_global_hook")
+    old_hook = getattr(utils, "PROGRESS_BAR_HOOK", None)
+    if hookable:
+        utils.set_progress_bar_global_hook(server_progress_hook)
+    canceller = threading.Thread(target=press_cancel)
+    canceller.start()
+    train.PROGRESS_HOOKS.append(observe)
     try:
-        with pytest.raises(hostmod.InterruptProcessingException):
+        with caplog.at_level("INFO", logger="sefi"), pytest.raises(hostmod.InterruptProcessingException):
             _train(host, sd15, photo, name="cut", **common)
     finally:
-        train.PROGRESS_HOOKS.remove(cancel)
+        train.PROGRESS_HOOKS.remove(observe)
+        if hookable:
+            utils.set_progress_bar_global_hook(old_hook)
+        done.set()
+        reached.set()
+        canceller.join()
     ckpt = train.checkpoint_dir() / "cut.sefi-train"
-    assert tr.load_train_state(ckpt).step == 2
+    found = re.search(r"interrupted at step (\d+)/5, checkpoint (\S+)", caplog.text)
+    assert found, caplog.text
+    reached_step = int(found.group(1))
+    assert found.group(2) == str(ckpt) and reached_step in (2, 3)
+    assert tr.load_train_state(ckpt).step == reached_step
     assert not (train.identity_dir() / "cut.safetensors").exists()
     resumed = _train(host, sd15, photo, name="cut", resume_from="cut", **common)[0]
     assert torch.equal(resumed.tokens["clip_l"], full.tokens["clip_l"])
+    assert resumed.training["resumed_at_step"] == reached_step
 
 
 def _snapshot(module):
@@ -201,7 +236,7 @@ def test_attention_capture_leaves_the_prediction_unchanged(host, sd15, pack, pho
     """At the loss sites the replace computes attention by hand (to read the probabilities) and the reference keys
     ride along in the context: the U-Net's prediction must equal the uncaptured one, and every recorded map must be
     a probability over the prompt's keys (reference maps: over the reference's keys)."""
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model, clip, vae = sd15
     with th.training_context(model, clip):
         step = th.SefiStep(model, clip, vae, th.fit_image(photo, RES), None,
@@ -242,10 +277,10 @@ def test_frozen_weights_untouched(host, sd15, pack, photo):
 def test_frozen_stand_ins_share_memory_unless_cast(host, sd15, pack):
     """Same dtype: the training stand-in is an ordinary tensor over the original's memory (no second copy of the
     weights); a cast makes a copy and, when parking is on, the original moves off its storage until exit."""
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model, _, _ = sd15
     with torch.inference_mode():  # as the executor loads models
-        th.host.load_for_training(model, sd15[1])
+        pack.glue("host").load_for_training(model, sd15[1])
     unet = model.model.diffusion_model
     names = [n for n, p in unet.named_parameters() if p.is_floating_point()][:50]
     with torch.inference_mode():
@@ -319,7 +354,7 @@ def test_saved_identity_samples_through_server(host, sd15, pack, photo, trained_
 
 def test_kv_encodes_batched_equal_separate(host, sd15, pack):
     """K and V contexts come from one CLIP forward of batch 2; that equals two separate encodes."""
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model, clip, _ = sd15
     g = torch.Generator().manual_seed(1)
     k, v = (torch.randn(1, 1, 768, generator=g) * 0.02 for _ in range(2))
@@ -335,7 +370,7 @@ def test_kv_encodes_batched_equal_separate(host, sd15, pack):
 def test_gradient_checkpointing_same_loss_and_gradients(host, sd15, pack, photo):
     """One step with the attention loss on: checkpointed blocks give the same loss and token gradients, record
     each loss map once, and every module's forward is put back afterwards (also through the node)."""
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model, clip, vae = sd15
     unet = model.model.diffusion_model
     with torch.inference_mode(), th.training_context(model, clip):
@@ -347,7 +382,7 @@ def test_gradient_checkpointing_same_loss_and_gradients(host, sd15, pack, photo)
 
         def one_step():
             tok = start.clone().requires_grad_(True)
-            loss, parts = step({"clip_l": tok}, torch.Generator().manual_seed(5), 0)
+            loss, parts, _ = step({"clip_l": tok}, torch.Generator().manual_seed(5), 0)
             loss.backward()
             return loss.detach(), tok.grad.clone(), parts
 
@@ -389,7 +424,7 @@ def test_precision_choices(host, sd15, pack, photo):
 def test_auto_precision_follows_the_loaded_model(sd15, pack, monkeypatch):
     """auto = fp32 on CPU; on an accelerator the model's own compute dtype (manual-cast dtype first), so that the
     weights are used in place; explicit choices win."""
-    th = pack.glue("training_host")
+    th = pack.glue("training")
     model = sd15[0]
     assert th.compute_dtype(model, "auto") == torch.float32
     monkeypatch.setattr(model, "load_device", torch.device("cuda", 0))  # only read, never used for CUDA here

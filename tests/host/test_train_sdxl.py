@@ -20,7 +20,7 @@ def photo(face_photo):
 def test_sdxl_manual_encode_matches_host(host, sdxl, pack):
     """Both encoders' vectors spliced: the hand-run [clip_l | clip_g] context equals the host's encode, both
     vectors get gradients, and the K/V rows batched through one forward equal separate encodes."""
-    th, pe = pack.glue("training_host"), pack.glue("prompt_encoding")
+    th, pe = pack.glue("training"), pack.glue("prompt_encoding")
     model, clip, _ = sdxl
     g = torch.Generator().manual_seed(0)
     vec = {"clip_l": torch.randn(1, 1, 768, generator=g) * 0.02, "clip_g": torch.randn(1, 1, 1280, generator=g) * 0.02}
@@ -37,7 +37,7 @@ def test_sdxl_manual_encode_matches_host(host, sdxl, pack):
                 other = {k: t.flip(-1) for k, t in vec.items()}
                 both = enc.encode_prompt(p, {k: torch.cat([vec[k], other[k]]) for k in vec})
                 apart = torch.cat([enc.encode_prompt(p, vec), enc.encode_prompt(p, other)])
-        plan = pe.plan_prompt(clip, TEMPLATE.format("sks"), [th._Trigger("sks", 1)], 1.0)
+        plan = pe.plan_prompt(clip, TEMPLATE.format("sks"), [th.TriggerWord("sks", 1)], 1.0)
         theirs, pooled = pe.encode_with_vectors(clip, plan, [{k: t[0] for k, t in vec.items()}])
     assert p.by_encoder["clip_g"][1] == p.slots
     assert ours.shape == theirs.shape == (1, 77, 2048) and pooled.shape == (1, 1280)

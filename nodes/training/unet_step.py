@@ -1,0 +1,195 @@
+"""The U-Net step of training: a private clone of the MODEL whose cross-attentions take keys from the K
+encoding and values from the V encoding, record the identity and reference maps at the loss sites, and can
+recompute blocks in backward (gradient checkpointing)."""
+from __future__ import annotations
+
+import contextlib
+import math
+import types
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from .frozen import adds_residual_in_place, temporary_forwards
+from ...sefi_core import attention as attn_core
+
+
+def _split(x: Tensor, heads: int) -> Tensor:
+    b, n, inner = x.shape
+    return x.view(b, n, heads, inner // heads).transpose(1, 2)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    out = F.scaled_dot_product_attention(_split(q, heads), _split(k, heads), _split(v, heads))
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+
+
+class UnetStep:
+    """A private clone of the MODEL with an attn2_patch (K from c_K, V from c_V; at loss sites the reference
+    encoding is appended to the keys' context) and an attn2 replace at each loss site that computes the identity columns'
+    probabilities and the same-Q reference probabilities (detached). The caller's MODEL is never patched."""
+
+    def __init__(self, model, latent_hw: tuple[int, int], loss_sites: str, context_dim: int,
+                 adm: Tensor | None = None):
+        self.model = model
+        self.clone = model.clone()
+        self.latent_hw = latent_hw
+        self.adm = adm  # SDXL: the U-Net's `y` input [1, adm_channels] (pooled clip_g + size embeddings)
+        self.st = SimpleNamespace(values=None, ref=None, tcols=None, rcols=None, records=[], spy=None,
+                                  recording=True)
+        self.clone.set_model_attn2_patch(self._patch)
+        self.sites = self._discover(context_dim)
+        self.loss_keys = select_sites(self.sites, latent_hw, loss_sites)
+        for key in self.loss_keys:
+            self.clone.set_model_attn2_replace(self._replace, key[0], key[1], key[2])
+
+    def _discover(self, context_dim: int) -> dict[tuple, int]:
+        """Run one no-grad forward with a spy to read the cross-attention sites (key → query count)."""
+        found: dict[tuple, int] = {}
+        self.st.spy = found
+        try:
+            with torch.no_grad():
+                ms = self.model.get_model_object("model_sampling")
+                x = torch.zeros(1, 4, *self.latent_hw)
+                sigma = ms.sigmas.detach().cpu()[500:501].clone()
+                self.forward(x, sigma, torch.zeros(1, 77, context_dim), None, y=self.adm)
+        finally:
+            self.st.spy = None
+        if not found:
+            raise RuntimeError("no cross-attention site fired during the site discovery pass")
+        return found
+
+    def _patch(self, n, context, value, eo):
+        st = self.st
+        key = (eo["block"][0], eo["block"][1], eo.get("block_index", 0))
+        if st.spy is not None:
+            st.spy[key] = n.shape[1]
+        if st.values is None:
+            return n, context, value
+        v = st.values.to(device=context.device, dtype=context.dtype)
+        if st.ref is not None and key in self.loss_keys:
+            # the reference prompt only needs keys (for its maps): appended to the context alone, so the
+            # site's replace below sees k = [prompt | reference] and v = prompt values
+            r = st.ref.to(device=context.device, dtype=context.dtype)
+            return n, torch.cat([context, r], 1), v
+        return n, context, v
+
+    def _replace(self, q, k, v, eo):
+        st = self.st
+        heads = eo["n_heads"]
+        t = v.shape[1]
+        if st.ref is None or k.shape[1] == t:
+            return _sdpa(q, k, v, heads)
+        out, probs = attn_core.attention_with_probs(q, k[:, :t], v, heads, st.tcols)
+        ref = attn_core.reference_probs(q, k[:, t:], heads, st.rcols) if st.rcols is not None else None
+        if st.recording:  # off while gradient checkpointing recomputes a block (the first pass recorded it)
+            st.records.append((eo["block"][0], eo["block"][1], eo.get("block_index", 0), probs, ref))
+        return out
+
+    def forward(self, x_t: Tensor, sigma: Tensor, c_k: Tensor, c_v: Tensor | None, ref: Tensor | None = None,
+                tcols=None, rcols=None, y: Tensor | None = None):
+        st = self.st
+        st.values, st.ref, st.tcols, st.rcols, st.records = c_v, ref, tcols, rcols, []
+        device = self.model.load_device
+        to = dict(self.clone.model_options.get("transformer_options", {}))
+        sigma = sigma.to(device)
+        to["cond_or_uncond"] = [0]
+        to["sigmas"] = sigma
+        extra = {} if y is None else {"y": y.to(device).expand(x_t.shape[0], -1)}
+        try:
+            # no autocast: the stand-ins already hold the compute dtype and apply_model casts the inputs to it, and
+            # an autocast region would also pull the loss maps' float32 softmax back to low precision
+            out = self.clone.model.apply_model(x_t.to(device), sigma, c_crossattn=c_k.to(device),
+                                               transformer_options=to, **extra)
+            return out, list(st.records)
+        finally:
+            st.values = st.ref = None
+            st.records = []
+
+
+    @contextlib.contextmanager
+    def checkpointing(self, enabled: bool = True):
+        """Gradient checkpointing for the duration: every transformer block and res block of the U-Net runs under
+        torch.utils.checkpoint (non-reentrant), so its activations are recomputed in backward instead of kept.
+
+        The recomputation runs after `forward` returned, so each wrapped call snapshots this step's K/V/reference
+        state and restores it (with attention recording off, so the loss maps are not recorded twice) while the
+        block is recomputed. Blocks whose host forward adds residuals in place (0.0.1) run both passes under
+        `_OutOfPlaceAdds` (same arithmetic, new tensors), because a recomputation would otherwise overwrite the
+        tensors it just saved. Instance attributes are restored on exit (temporary_forwards)."""
+        st = self.st
+
+        def make_forward(mod: nn.Module) -> Callable | None:
+            if not enabled or type(mod).__name__ not in _CHECKPOINT_CLASSES:
+                return None
+            inplace = adds_residual_in_place(type(mod))
+            base = types.MethodType(type(mod).forward, mod) if inplace else mod.forward
+            return _checkpointed(base, mod.forward, inplace, st)
+
+        with temporary_forwards(self.model.model.diffusion_model, make_forward) as count:
+            yield count
+
+
+_CHECKPOINT_CLASSES = frozenset({"BasicTransformerBlock", "ResBlock"})
+
+
+class _OutOfPlaceAdds(TorchFunctionMode):
+    """`x += n` / `x.add_(n)` become `x = x + n` (for recomputed blocks whose host code adds in place)."""
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is Tensor.__iadd__ or func is Tensor.add_:
+            return torch.add(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _checkpointed(base, plain, inplace: bool, st):
+    def call(a, k):
+        if inplace:
+            with _OutOfPlaceAdds():
+                return base(*a, **k)
+        return base(*a, **k)
+
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return plain(*args, **kwargs)
+        snapshot = (st.values, st.ref, st.tcols, st.rcols)
+        calls = [0]
+
+        def run(*a, **k):
+            calls[0] += 1
+            if calls[0] == 1:
+                return call(a, k)
+            live = (st.values, st.ref, st.tcols, st.rcols, st.recording)
+            st.values, st.ref, st.tcols, st.rcols = snapshot
+            st.recording = False
+            try:
+                return call(a, k)
+            finally:
+                st.values, st.ref, st.tcols, st.rcols, st.recording = live
+
+        return _checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    return forward
+
+
+def select_sites(sites: dict[tuple, int], latent_hw: tuple[int, int], mode: str) -> list[tuple]:
+    """Loss sites by resolution: "quarter" = latent/4 grids (SD1.5 512 px: 16×16), "quarter+half" adds latent/2,
+    "all" = every site. When a model has no latent/4 (or /2) grid (the tiny test UNet runs everything at full
+    latent size), the coarsest grids not coarser than /4 stand in."""
+    area = latent_hw[0] * latent_hw[1]
+    factor = {k: max(1, round(math.sqrt(area / nq))) for k, nq in sites.items()}
+    if mode == "all":
+        return sorted(sites)
+    wanted = {4} if mode == "quarter" else {4, 2}
+    chosen = [k for k, f in factor.items() if f in wanted]
+    if not chosen:
+        present = sorted({f for f in factor.values() if f <= 4}, reverse=True) or sorted(set(factor.values()))
+        keep = set(present[: len(wanted)])
+        chosen = [k for k, f in factor.items() if f in keep]
+    return sorted(chosen)
