@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
-from bench.train_step import _full_checkpoint  # noqa: E402
-from tools import embedded_host, tiny_checkpoints  # noqa: E402
+from bench.train_step import boot_bench_host  # noqa: E402
+from tools import embedded_host  # noqa: E402
 
 
 def _photo(res: int) -> torch.Tensor:
@@ -50,22 +49,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     res = args.resolution or (512 if (args.full_sd15 or args.checkpoint) else 64)
 
-    base = Path(tempfile.mkdtemp(prefix="sefi-share-"))
-    ckpt_dir = base / "models" / "checkpoints"
-    ckpt_dir.mkdir(parents=True)
-    if args.checkpoint:
-        embedded_host.import_host_modules("auto")
-        src = args.checkpoint.resolve()
-    elif args.full_sd15:
-        embedded_host.import_host_modules("auto")
-        src = _full_checkpoint(REPO / ".cache" / "full")
-    else:
-        src = REPO / ".cache" / "tiny" / tiny_checkpoints.SD15_NAME
-        if not src.exists():
-            import subprocess
-            subprocess.run([sys.executable, "-m", "tools.tiny_checkpoints", str(src.parent)], cwd=REPO, check=True)
-    (ckpt_dir / src.name).symlink_to(src)
-    host = embedded_host.boot_in_process(base, device="auto")
+    host, src = boot_bench_host(args.full_sd15, args.checkpoint)
     pkg = host.pack_module.__name__
     th = importlib.import_module(f"{pkg}.nodes.training")
     tr = importlib.import_module(f"{pkg}.sefi_core.training")

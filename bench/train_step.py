@@ -52,6 +52,24 @@ def _full_checkpoint(folder: Path) -> Path:
         tiny_checkpoints.SD15_UNET = old
 
 
+def boot_bench_host(full_sd15: bool, checkpoint: Path | None = None):
+    """(host, checkpoint path): the embedded host booted in a fresh base folder on the accelerator when there is
+    one, with a real `checkpoint`, the full-size random SD1.5 (`full_sd15`) or the tiny one linked into it."""
+    base = Path(tempfile.mkdtemp(prefix="sefi-bench-"))
+    ckpt_dir = base / "models" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    if checkpoint is not None or full_sd15:
+        embedded_host.import_host_modules("auto")
+        src = Path(checkpoint).resolve() if checkpoint is not None else _full_checkpoint(REPO / ".cache" / "full")
+    else:
+        src = REPO / ".cache" / "tiny" / tiny_checkpoints.SD15_NAME
+        if not src.exists():
+            import subprocess
+            subprocess.run([sys.executable, "-m", "tools.tiny_checkpoints", str(src.parent)], cwd=REPO, check=True)
+    (ckpt_dir / src.name).symlink_to(src)
+    return embedded_host.boot_in_process(base, device="auto"), src  # the accelerator when there is one
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--full-sd15", action="store_true", help="real-size SD1.5 UNet at 512 px (GPU)")
@@ -67,19 +85,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     res = args.resolution or (512 if args.full_sd15 else 64)
 
-    base = Path(tempfile.mkdtemp(prefix="sefi-bench-"))
-    ckpt_dir = base / "models" / "checkpoints"
-    ckpt_dir.mkdir(parents=True)
-    if args.full_sd15:
-        embedded_host.import_host_modules("auto")
-        src = _full_checkpoint(REPO / ".cache" / "full")
-    else:
-        src = REPO / ".cache" / "tiny" / tiny_checkpoints.SD15_NAME
-        if not src.exists():
-            import subprocess
-            subprocess.run([sys.executable, "-m", "tools.tiny_checkpoints", str(src.parent)], cwd=REPO, check=True)
-    (ckpt_dir / src.name).symlink_to(src)
-    host = embedded_host.boot_in_process(base, device="auto")  # the accelerator when there is one
+    host, src = boot_bench_host(args.full_sd15)
     import importlib
     pkg = host.pack_module.__name__
     th = importlib.import_module(f"{pkg}.nodes.training")
