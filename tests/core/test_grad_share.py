@@ -37,7 +37,8 @@ class Linear:
         x = tokens["clip_l"].reshape(-1)
         diff = x.sum()  # gradient 1 per element
         att = self.weight * (2 * x).sum()  # gradient 2λ per element
-        return diff + att, {"diffusion": float(diff), "attention": float(att)}, {"diffusion": diff, "attention": att}
+        parts = {"diffusion": float(diff.detach()), "attention": float(att.detach())}
+        return diff + att, parts, {"diffusion": diff, "attention": att}
 
 
 class Tokens(torch.nn.Module):
