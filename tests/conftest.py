@@ -52,6 +52,24 @@ def face_photo(faces_dir):
     return lambda name, max_side=None: image_tensor(faces_dir / name, max_side)
 
 
+@pytest.fixture(scope="session")
+def people_folder(faces_dir):
+    """`people_folder(root, {"obama": ["obama_1.jpg", ...], ...})`: one sub-folder of real photos per person, as
+    tools.batch_train reads them, plus "nobody" holding only a noise image (a person who must fail alone)."""
+    def build(root: Path, photos: dict[str, list[str]]) -> Path:
+        import numpy as np
+        from PIL import Image
+        for person, names in photos.items():
+            (root / person).mkdir(parents=True)
+            for name in names:
+                shutil.copy(faces_dir / name, root / person / name)
+        (root / "nobody").mkdir(parents=True)
+        noise = (np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)
+        Image.fromarray(noise).save(root / "nobody" / "noise.png")
+        return root
+    return build
+
+
 def _tiny(family: str) -> Path:
     """Build (once, cached) in a subprocess: importing the host's model code here would fix its folders
     before the in-process host is booted with its own base directory."""

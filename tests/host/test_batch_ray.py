@@ -8,10 +8,8 @@ from __future__ import annotations
 import re
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tools import batch_train
 
@@ -29,16 +27,8 @@ ROW = re.compile(r"^(\S+)\s+(trained|skipped|failed)\s+([\d.]+)\s+(worker \d+|-)
 
 
 @pytest.fixture
-def people(tmp_path, faces_dir):
-    root = tmp_path / "people"
-    for person, photos in PHOTOS.items():
-        (root / person).mkdir(parents=True)
-        for name in photos:
-            shutil.copy(faces_dir / name, root / person / name)
-    (root / "nobody").mkdir()
-    noise = (np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)
-    Image.fromarray(noise).save(root / "nobody" / "noise.png")
-    return root
+def people(tmp_path, people_folder):
+    return people_folder(tmp_path / "people", PHOTOS)
 
 
 def _rows(text: str) -> dict[str, tuple[str, ...]]:

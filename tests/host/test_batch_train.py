@@ -7,9 +7,7 @@ import re
 import shutil
 import subprocess
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from tools import batch_train, comfy_client, embedded_host
 
@@ -20,16 +18,8 @@ FAST = ["--steps", "2", "--resolution", "64", "--set", "parametrisation=direct t
 
 
 @pytest.fixture
-def people(tmp_path, faces_dir):
-    root = tmp_path / "people"
-    for person, photos in {"obama": ["obama_1.jpg", "obama_2.jpg"], "biden": ["biden_1.jpg"]}.items():
-        (root / person).mkdir(parents=True)
-        for name in photos:
-            shutil.copy(faces_dir / name, root / person / name)
-    (root / "nobody").mkdir()
-    noise = (np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)
-    Image.fromarray(noise).save(root / "nobody" / "noise.png")
-    return root
+def people(tmp_path, people_folder):
+    return people_folder(tmp_path / "people", {"obama": ["obama_1.jpg", "obama_2.jpg"], "biden": ["biden_1.jpg"]})
 
 
 @pytest.fixture
