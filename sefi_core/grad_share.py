@@ -26,8 +26,8 @@ def gradient_norms(terms: Mapping[str, Tensor], params: Sequence[Tensor]) -> dic
             norms[name] = 0.0
             continue
         grads = torch.autograd.grad(term, list(params), retain_graph=True, allow_unused=True)
-        total = sum(float(g.detach().float().pow(2).sum()) for g in grads if g is not None)
-        norms[name] = math.sqrt(total)
+        squares = [g.detach().float().pow(2).sum() for g in grads if g is not None]
+        norms[name] = math.sqrt(float(torch.stack(squares).sum())) if squares else 0.0  # one device sync per term
     return norms
 
 
