@@ -15,27 +15,57 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["gradient_norms", "gradient_shares"]
+__all__ = ["backward_with_shares", "gradient_norms", "gradient_shares", "term_gradients"]
+
+
+def term_gradients(terms: Mapping[str, Tensor], params: Sequence[Tensor],
+                   keep_graph: bool = True) -> dict[str, list[Tensor | None]]:
+    """Each term's gradient with respect to ``params`` (one backward per term; ``keep_graph=False`` frees the graph
+    with the last one)."""
+    grads: dict[str, list[Tensor | None]] = {}
+    live = [name for name, term in terms.items() if term.requires_grad]
+    for name, term in terms.items():
+        if name not in live:
+            grads[name] = [None] * len(params)
+            continue
+        last = name == live[-1]
+        grads[name] = list(torch.autograd.grad(term, list(params), retain_graph=keep_graph or not last, allow_unused=True))
+    return grads
+
+
+def _norm(grads: Sequence[Tensor | None]) -> float:
+    squares = [g.detach().float().pow(2).sum() for g in grads if g is not None]
+    return math.sqrt(float(torch.stack(squares).sum())) if squares else 0.0  # one device sync per term
 
 
 def gradient_norms(terms: Mapping[str, Tensor], params: Sequence[Tensor]) -> dict[str, float]:
-    """L2 norm of each term's gradient over all ``params`` (one extra backward per term, graph kept)."""
-    norms = {}
-    for name, term in terms.items():
-        if not term.requires_grad:
-            norms[name] = 0.0
-            continue
-        grads = torch.autograd.grad(term, list(params), retain_graph=True, allow_unused=True)
-        squares = [g.detach().float().pow(2).sum() for g in grads if g is not None]
-        norms[name] = math.sqrt(float(torch.stack(squares).sum())) if squares else 0.0  # one device sync per term
-    return norms
+    """L2 norm of each term's gradient over all ``params`` (the graph is kept)."""
+    return {name: _norm(g) for name, g in term_gradients(terms, params).items()}
+
+
+def _shares(norms: Mapping[str, float]) -> dict[str, float]:
+    total = sum(norms.values())
+    if not math.isfinite(total):
+        return {f"grad_share_{k}": math.nan for k in norms}
+    return {f"grad_share_{k}": (v / total if total > 0 else 0.0) for k, v in norms.items()}
 
 
 def gradient_shares(terms: Mapping[str, Tensor], params: Sequence[Tensor]) -> dict[str, float]:
     """``{"grad_share_<term>": share}``, shares in [0, 1] summing to 1 (all 0 when no term has a gradient).
     Non-finite norms give NaN shares rather than an error: the loop's own checks decide about divergence."""
-    norms = gradient_norms(terms, params)
-    total = sum(norms.values())
-    if not math.isfinite(total):
-        return {f"grad_share_{k}": math.nan for k in norms}
-    return {f"grad_share_{k}": (v / total if total > 0 else 0.0) for k, v in norms.items()}
+    return _shares(gradient_norms(terms, params))
+
+
+def backward_with_shares(terms: Mapping[str, Tensor], params: Sequence[Tensor]) -> dict[str, float]:
+    """What ``sum(terms).backward()`` does — each parameter's ``.grad`` gets the total gradient — plus the shares.
+
+    The total is the sum of the terms' gradients (the gradient is linear), so the per-term backwards replace the
+    loop's own one instead of coming on top of it: no graph is walked a third time (a compiled U-Net's backward
+    is not built for that), and a logging step costs one backward per term, not one more."""
+    grads = term_gradients(terms, params, keep_graph=False)
+    for i, p in enumerate(params):
+        parts = [g[i] for g in grads.values() if g[i] is not None]
+        if parts:
+            total = torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
+            p.grad = total.detach() if p.grad is None else p.grad + total.detach()
+    return _shares({name: _norm(g) for name, g in grads.items()})

@@ -34,9 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_write
-from .grad_share import gradient_shares
+from .grad_share import backward_with_shares
 from .loss_scale import DynamicLossScale
 from .losses import ATTENTION_REDUCTIONS
+from .step_sync import PendingSteps, choose_sync
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -341,14 +342,15 @@ def _use_foreach(params: list[nn.Parameter]) -> bool:
     return not all(p.device.type == "cpu" for p in params)
 
 
-def _make_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torch.optim.AdamW:
+def _make_optimizer(params: list[nn.Parameter], settings: TrainSettings, fused: bool = False) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         params,
         lr=settings.lr,
         betas=settings.adam_betas,
         eps=settings.adam_eps,
         weight_decay=settings.weight_decay,
-        foreach=_use_foreach(params),
+        foreach=None if fused else _use_foreach(params),
+        fused=True if fused else None,
     )
 
 
@@ -384,6 +386,8 @@ def run_training(
     should_stop: Callable[[], bool] | None = None,
     save_checkpoint: Callable[[TrainState], None] | None = None,
     interrupts: tuple[type[BaseException], ...] = (),
+    fused: bool | None = None,
+    sync_every: int | None = None,
 ) -> TrainResult:
     """Train ``generator`` for ``settings.steps`` steps (continuing from ``start_state``).
 
@@ -411,6 +415,12 @@ def run_training(
     first checkpoints the last *completed* step (a step cut short has not touched the parameters
     or the Adam state yet) and then re-raises it unchanged.
 
+    ``fused`` / ``sync_every`` (None = automatic, :func:`sefi_core.step_sync.choose_sync`): on an accelerator a
+    fused AdamW and the loss, parts and gradient norm of ``sync_every`` steps read back at once (one host sync
+    instead of several per step); ``on_progress`` then runs for those steps together, a non-finite step still
+    raises :class:`TrainingDivergedError` naming it with the parameters of the step before. On the CPU: step by
+    step, single-tensor AdamW.
+
     Resuming: ``start_state`` restores the generator and the Adam moments exactly. Settings
     that change the trajectory (anything except ``steps`` and ``checkpoint_every``) should
     match the run that wrote it; a mismatch only warns, and the optimiser hyper-parameters
@@ -418,7 +428,9 @@ def run_training(
     """
     settings.validate()
     params = _trainable(generator)
-    optimizer = _make_optimizer(params, settings)
+    scaler = DynamicLossScale.for_precision(settings.precision)
+    fused, sync_every = choose_sync(params, scaler is not None, fused, sync_every)
+    optimizer = _make_optimizer(params, settings, fused)
     step0 = 0
     history: list[float] = []
     parts_history: list[dict[str, float]] = []
@@ -441,7 +453,6 @@ def run_training(
         raise ValueError(f"the checkpoint is at step {step0}, beyond steps={settings.steps}; raise steps to continue")
 
     foreach = _use_foreach(params)
-    scaler = DynamicLossScale.for_precision(settings.precision)
     if scaler is not None and start_state is not None and start_state.loss_scale:
         scaler = DynamicLossScale.from_state_dict(start_state.loss_scale)
 
@@ -461,6 +472,33 @@ def run_training(
             loss_scale=None if scaler is None else scaler.state_dict(),
         )
 
+    pending = PendingSteps(params[0].device) if sync_every > 1 else None
+    if pending is not None:
+        optimizer.found_inf = pending.skip  # read by the fused AdamW: a set flag leaves the update out on the device
+
+    def settle(notify: bool = True) -> None:
+        """Read back the pending steps: history, then on_progress; raise for the first non-finite one."""
+        nonlocal step
+        if not pending:
+            return
+        settled = pending.read()
+        bad = next((s for s in settled if not s.finite), None)
+        good = settled if bad is None else [s for s in settled if s.step < bad.step]
+        for s in good:
+            s.parts["grad_norm"] = s.grad_norm
+            history.append(s.loss)
+            parts_history.append(s.parts)
+        if bad is not None:
+            step = bad.step - 1  # the flag kept this and every later update off the parameters
+            optimizer.zero_grad(set_to_none=True)
+        if notify and on_progress is not None:
+            for s in good:
+                on_progress(s.step, settings.steps, s.loss, dict(s.parts))
+        if bad is not None:
+            what = ("the loss is not finite" if not math.isfinite(bad.loss)
+                    else f"the gradient norm is {bad.grad_norm}")
+            raise TrainingDivergedError(bad.step, settings.steps, bad.loss, bad.parts, what, settings, last_saved)
+
     def checkpoint() -> TrainState:
         nonlocal last_saved
         state = snapshot()
@@ -476,6 +514,7 @@ def run_training(
         with torch.random.fork_rng(devices=cuda_devices):
             while step < settings.steps:
                 if should_stop is not None and should_stop():
+                    settle()
                     return TrainResult(checkpoint(), interrupted=True)
                 torch.manual_seed(step_seed(settings.seed, step, "global"))
                 rng = torch.Generator(device="cpu")
@@ -483,21 +522,38 @@ def run_training(
 
                 optimizer.zero_grad(set_to_none=True)
                 loss, parts, *terms = step_fn(generator(), rng, step)
-                parts = {str(k): float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in parts.items()}
                 if not isinstance(loss, Tensor) or loss.numel() != 1:
                     raise TypeError(f"step_fn must return a scalar loss tensor, got {type(loss).__name__}")
                 if not loss.requires_grad:
                     raise ValueError("step_fn's loss does not depend on the tokens (no gradient); check the splicing")
+                max_norm = settings.grad_clip_norm if settings.grad_clip_norm > 0 else math.inf
+                if pending is not None:  # no host sync until settle() (sefi_core.step_sync)
+                    if terms and _share_due(step + 1, settings):
+                        parts = {**parts, **backward_with_shares(terms[0], params)}
+                    else:
+                        loss.reshape(()).backward()
+                    grad_norm_t = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach)
+                    pending.add(step + 1, loss, parts, grad_norm_t)
+                    optimizer.step()
+                    step += 1
+                    due = bool(save_checkpoint is not None and settings.checkpoint_every
+                               and step % settings.checkpoint_every == 0)
+                    if len(pending) >= sync_every or due or step == settings.steps:
+                        settle()
+                    if due:
+                        checkpoint()
+                    continue
+                parts = {str(k): float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in parts.items()}
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise TrainingDivergedError(step + 1, settings.steps, loss_value, parts,
                                                 "the loss is not finite", settings, last_saved)
                 if terms and _share_due(step + 1, settings):
                     scaled = {k: t if scaler is None else scaler.scaled(t) for k, t in terms[0].items()}
-                    parts.update(gradient_shares(scaled, params))  # ratios: the loss scale cancels
-                (loss if scaler is None else scaler.scaled(loss)).reshape(()).backward()
+                    parts.update(backward_with_shares(scaled, params))  # ratios: the loss scale cancels
+                else:
+                    (loss if scaler is None else scaler.scaled(loss)).reshape(()).backward()
                 overflow = scaler is not None and not scaler.unscale_(params)
-                max_norm = settings.grad_clip_norm if settings.grad_clip_norm > 0 else math.inf
                 grad_norm = math.inf if overflow else float(
                     torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach))
                 if scaler is not None:
@@ -523,8 +579,13 @@ def run_training(
                     on_progress(step, settings.steps, loss_value, dict(parts))
                 if save_checkpoint is not None and settings.checkpoint_every and step % settings.checkpoint_every == 0:
                     checkpoint()
+            settle()
             return TrainResult(checkpoint(), interrupted=False)
     except interrupts:
+        try:
+            settle(notify=False)  # the steps already done belong in the checkpoint
+        except TrainingDivergedError:
+            pass  # settle() rewound to the last good step; the resumed run meets the error itself
         checkpoint()
         raise
     finally:

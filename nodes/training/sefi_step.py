@@ -158,11 +158,12 @@ class SefiStep:
         capture = s.attention_loss != "off" and s.attention_weight > 0
         columns = self.columns if s.attention_loss == "reference" else self.id_columns
         diff, records, m = self._forward(tokens, j, x0, m, t, noise, capture, columns)
-        parts = {"diffusion": float(diff.detach()), "t": float(t.float().mean())}
+        # tensors, not floats: the loop reads them back when it syncs (sefi_core.step_sync); `t` is on the CPU
+        parts = {"diffusion": diff.detach(), "t": float(t.float().mean())}
         terms = {"diffusion": diff}
         if capture:
             att = self._attention_loss(records, m)
-            parts["attention"] = float(att.detach())
+            parts["attention"] = att.detach()
             terms["attention"] = s.attention_weight * att
         return sum(terms.values()), parts, terms
 

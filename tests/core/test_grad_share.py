@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sefi_core.grad_share import gradient_norms, gradient_shares
+from sefi_core.grad_share import backward_with_shares, gradient_norms, gradient_shares
 from sefi_core.losses import reference_attention_loss
 from sefi_core.plot import render_loss_curve, term_shares
 from sefi_core.training import TrainSettings, run_training
@@ -25,6 +25,21 @@ def test_shares_are_the_terms_gradient_norms_over_their_sum() -> None:
     assert shares == pytest.approx({"grad_share_diffusion": norms["diffusion"] / total,
                                     "grad_share_attention": norms["attention"] / total})
     assert w.grad is None  # the loop's own backward is untouched
+
+
+def test_backward_with_shares_leaves_the_gradient_of_the_sum() -> None:
+    """The loop's logging steps: the per-term backwards also give the total gradient, so no third backward runs
+    (the graph is freed after the last term: a further backward must fail)."""
+    w = torch.randn(5, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    frozen = torch.randn(5, generator=torch.Generator().manual_seed(1))  # a term without a gradient
+    terms = {"diffusion": (3 * w).sin().sum(), "attention": 0.5 * (w * w.sin()).sum(), "constant": frozen.sum()}
+    shares = backward_with_shares(terms, [w])
+    expected = torch.autograd.grad((3 * w).sin().sum() + 0.5 * (w * w.sin()).sum(), w)[0]
+    torch.testing.assert_close(w.grad, expected)
+    assert shares["grad_share_constant"] == 0.0
+    assert shares["grad_share_diffusion"] + shares["grad_share_attention"] == pytest.approx(1.0)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        terms["attention"].backward()  # the last term with a gradient freed what it walked
 
 
 class Linear:
