@@ -9,6 +9,7 @@ of the pack imports host things from here.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterable
 
@@ -113,6 +114,22 @@ def clip_attention(device):
     return optimized_attention_for_device(device, mask=True, small_input=True)
 
 
+@contextlib.contextmanager
+def sdpa_unet_attention():
+    """For the duration, the U-Net's attention (both hosts' CrossAttention calls the module's `optimized_attention`)
+    runs through the host's own PyTorch SDPA function. For compiled training: the host's CPU pick (sub-quadratic /
+    split) sizes its chunks from the free memory, a figure a compiled block would be specialised to and recompiled
+    for at every step; sage/flash kernels are opaque to the compiler. On a GPU the host's default already is SDPA."""
+    import comfy.ldm.modules.attention as attention
+
+    saved = attention.optimized_attention, attention.optimized_attention_masked
+    try:
+        attention.optimized_attention = attention.optimized_attention_masked = attention.attention_pytorch
+        yield
+    finally:
+        attention.optimized_attention, attention.optimized_attention_masked = saved
+
+
 def load_for_training(model, clip) -> None:
     """Put the MODEL's and CLIP's weights on their compute device with any weight patches (LoRA) applied, fully
     loaded where the host can force it (upstream has force_full_load, 0.0.1 does not)."""
@@ -132,5 +149,5 @@ __all__ = [
     "DISTRIBUTION", "IDENTITY_FOLDER", "INSIGHTFACE_FOLDER", "InterruptProcessingException", "clip_attention",
     "ensure_model_folder", "filename_list", "folder_paths", "full_path", "insightface_roots",
     "interrupt_current_processing", "knows_model_folder", "load_for_training", "model_management", "models_dir",
-    "progress_bar", "raise_if_interrupted", "register_model_folder", "torch_device",
+    "progress_bar", "raise_if_interrupted", "register_model_folder", "sdpa_unet_attention", "torch_device",
 ]

@@ -18,8 +18,8 @@ from . import host
 from .identity import CATEGORY, IDENTITY
 from .people_check import check_one_person
 from .sampling_support import check_model_sampling
-from .training import (DTYPE_NAMES, PRECISION_CHOICES, SefiStep, TextEncoder, fit_image, fit_mask,
-                            peak_memory_bytes, reset_peak_memory, training_context)
+from .training import (DTYPE_NAMES, PRECISION_CHOICES, SefiStep, TextEncoder, check_compile_available,
+                       compile_mode, fit_image, fit_mask, peak_memory_bytes, reset_peak_memory, training_context)
 from ..sefi_core.atomic import longest_temp_name, stale_temp_files
 from ..sefi_core.generator import build_generator, rebuild_generator
 from ..sefi_core.identity import Identity, hash_array, save_identity
@@ -308,6 +308,10 @@ class SeFiTrainIdentity:
                 "allow_multiple_people": ("BOOLEAN", {"default": False, "tooltip": "Train even when the photos "
                                           "show different people (checked with face descriptors); off = refuse "
                                           "such a batch, since the identity would be neither of them."}),
+                "compile_unet": ("BOOLEAN", {"default": False, "tooltip": "torch.compile the U-Net's blocks (CUDA "
+                                 "graphs on a GPU). The first step compiles (a minute or more; cached on disk for "
+                                 "the next run), later steps are faster. Same result within rounding. Needs Triton "
+                                 "on a GPU, a C++ compiler on the CPU."}),
             },
         }
 
@@ -325,17 +329,17 @@ class SeFiTrainIdentity:
               masked_diffusion_loss=False, prompt_templates="a photo of the face of {}", flip_augmentation=False,
               scale_augmentation=False, seed=0, resolution=512, batch_size=1, checkpoint_every=100,
               resume_from="", overwrite=False, precision="auto", gradient_checkpointing=False, mask=None,
-              keep_checkpoint=False, allow_multiple_people=False):
+              keep_checkpoint=False, allow_multiple_people=False, compile_unet=False):
         model, clip, vae = _one(model), _one(clip), _one(vae)
         (name, trigger, initializer, steps, learning_rate, stages, vectors_per_token, parametrisation, kv_split,
          attention_loss, attention_weight, loss_sites, masked_diffusion_loss, prompt_templates,
          flip_augmentation, scale_augmentation, seed, resolution, batch_size, checkpoint_every, resume_from,
-         overwrite, precision, gradient_checkpointing, keep_checkpoint, allow_multiple_people) = map(
+         overwrite, precision, gradient_checkpointing, keep_checkpoint, allow_multiple_people, compile_unet) = map(
             _one, (name, trigger, initializer, steps, learning_rate, stages, vectors_per_token, parametrisation,
                    kv_split, attention_loss, attention_weight, loss_sites, masked_diffusion_loss, prompt_templates,
                    flip_augmentation, scale_augmentation, seed, resolution, batch_size, checkpoint_every,
                    resume_from, overwrite, precision, gradient_checkpointing, keep_checkpoint,
-                   allow_multiple_people))
+                   allow_multiple_people, compile_unet))
         name = check_name(name)  # names, files and resume_from are checked before the model is touched
         out_path = identity_dir() / f"{name}.safetensors"
         if out_path.exists() and not overwrite:
@@ -384,6 +388,8 @@ class SeFiTrainIdentity:
         image_hashes = [hash_array((p[..., :3].float().cpu().numpy() * 255).round().astype(np.uint8)) for p in pics]
         masks = None if mlist is None else torch.cat([fit_mask(m.float().cpu(), settings.resolution) for m in mlist])
         check_model_sampling(model, "SeFi Train Identity")
+        if compile_unet:
+            check_compile_available(model.load_device)
 
         device = host.torch_device()
         with training_context(model, clip, precision) as dtype:
@@ -406,7 +412,11 @@ class SeFiTrainIdentity:
                                             stages=int(stages), vectors_per_token=int(vectors_per_token),
                                             kv_split=bool(kv_split), seed=int(seed))
             generator.to(model.load_device)
-            with step_fn.unet.checkpointing(bool(gradient_checkpointing)):
+            with step_fn.unet.compiled(bool(compile_unet)) as compiled_blocks, \
+                    step_fn.unet.checkpointing(bool(gradient_checkpointing)):
+                if compiled_blocks:
+                    log.info("[SeFi] %s: compiling %d U-Net blocks (mode %s); the first step waits for it", name,
+                             compiled_blocks, compile_mode(model.load_device))
                 result = self._run(generator, step_fn, settings, start_state, ckpt_path, name)
             peak = peak_memory_bytes(device)
             generator.eval()
@@ -418,7 +428,8 @@ class SeFiTrainIdentity:
         training.update(parametrisation=kind, generator=generator.config(), steps_done=result.steps_done,
                         final_loss=result.loss_history[-1] if result.loss_history else None,
                         peak_memory_bytes=peak, device=str(device), host=host.DISTRIBUTION,
-                        initializer=initializer, gradient_checkpointing=bool(gradient_checkpointing))
+                        initializer=initializer, gradient_checkpointing=bool(gradient_checkpointing),
+                        compile_unet=bool(compile_unet))
         if start_state is not None:
             training.update(resumed_at_step=int(start_state.step), changed_on_resume=changed)
         identity = Identity(encoder.family, tokens, trigger, initializer, training, tuple(image_hashes))

@@ -16,11 +16,11 @@ from .frozen import (DTYPE_NAMES, PRECISION_CHOICES, PRECISION_DTYPES, compute_d
                      training_context, unet_compute_dtype, widened_linears)
 from .sefi_step import SefiStep, adm_input, fit_image, fit_mask
 from .text_encoder import PromptTokens, TextEncoder, TriggerWord, align_columns, reference_slots
-from .unet_step import UnetStep, select_sites
+from .unet_step import UnetStep, check_compile_available, compile_mode, select_sites
 
 __all__ = [
     "DTYPE_NAMES", "PRECISION_CHOICES", "PRECISION_DTYPES", "PromptTokens", "SefiStep", "TextEncoder", "TriggerWord",
-    "UnetStep", "adm_input", "align_columns", "compute_dtype", "fit_image", "fit_mask", "frozen_copies",
+    "UnetStep", "adm_input", "check_compile_available", "compile_mode", "align_columns", "compute_dtype", "fit_image", "fit_mask", "frozen_copies",
     "peak_memory_bytes", "reference_slots", "reset_peak_memory", "safe_inplace_residuals", "select_sites",
     "temporary_forwards", "training_context", "unet_compute_dtype", "widened_linears",
 ]

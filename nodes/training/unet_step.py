@@ -4,7 +4,9 @@ recompute blocks in backward (gradient checkpointing)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import shutil
 import types
 from types import SimpleNamespace
 from typing import Callable
@@ -16,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .frozen import adds_residual_in_place, temporary_forwards
+from .. import host
 from ...sefi_core import attention as attn_core
 
 
@@ -40,8 +43,8 @@ class UnetStep:
         self.clone = model.clone()
         self.latent_hw = latent_hw
         self.adm = adm  # SDXL: the U-Net's `y` input [1, adm_channels] (pooled clip_g + size embeddings)
-        self.st = SimpleNamespace(values=None, ref=None, tcols=None, rcols=None, records=[], spy=None,
-                                  recording=True)
+        self._compiled: set[int] = set()  # ids of the blocks `compiled` wraps, while it is active
+        self.st = SimpleNamespace(values=None, ref=None, tcols=None, rcols=None, records=[], spy=None)
         self.clone.set_model_attn2_patch(self._patch)
         self.sites = self._discover(context_dim)
         self.loss_keys = select_sites(self.sites, latent_hw, loss_sites)
@@ -87,8 +90,7 @@ class UnetStep:
             return _sdpa(q, k, v, heads)
         out, probs = attn_core.attention_with_probs(q, k[:, :t], v, heads, st.tcols)
         ref = attn_core.reference_probs(q, k[:, t:], heads, st.rcols) if st.rcols is not None else None
-        if st.recording:  # off while gradient checkpointing recomputes a block (the first pass recorded it)
-            st.records.append((eo["block"][0], eo["block"][1], eo.get("block_index", 0), probs, ref))
+        st.records.append((eo["block"][0], eo["block"][1], eo.get("block_index", 0), probs, ref))
         return out
 
     def forward(self, x_t: Tensor, sigma: Tensor, c_k: Tensor, c_v: Tensor | None, ref: Tensor | None = None,
@@ -118,7 +120,7 @@ class UnetStep:
         torch.utils.checkpoint (non-reentrant), so its activations are recomputed in backward instead of kept.
 
         The recomputation runs after `forward` returned, so each wrapped call snapshots this step's K/V/reference
-        state and restores it (with attention recording off, so the loss maps are not recorded twice) while the
+        state and restores it (with a scratch list for the maps, so the loss maps are not recorded twice) while the
         block is recomputed. Blocks whose host forward adds residuals in place (0.0.1) run both passes under
         `_OutOfPlaceAdds` (same arithmetic, new tensors), because a recomputation would otherwise overwrite the
         tensors it just saved. Instance attributes are restored on exit (temporary_forwards)."""
@@ -127,12 +129,79 @@ class UnetStep:
         def make_forward(mod: nn.Module) -> Callable | None:
             if not enabled or type(mod).__name__ not in _CHECKPOINT_CLASSES:
                 return None
-            inplace = adds_residual_in_place(type(mod))
+            # a block compiled by `compiled` already runs out of place: checkpoint its compiled forward as it is
+            inplace = adds_residual_in_place(type(mod)) and id(mod) not in self._compiled
             base = types.MethodType(type(mod).forward, mod) if inplace else mod.forward
             return _checkpointed(base, mod.forward, inplace, st)
 
         with temporary_forwards(self.model.model.diffusion_model, make_forward) as count:
             yield count
+
+
+    @contextlib.contextmanager
+    def compiled(self, enabled: bool = True):
+        """torch.compile every transformer block and res block of the U-Net for the duration (regional compilation:
+        each block is one graph, forward and backward, with this step's K/V patches traced into it).
+
+        Mode: "reduce-overhead" (CUDA graphs: the step is launch-bound there) on CUDA, the default mode elsewhere.
+        The blocks' attention is the host's SDPA function meanwhile (host.sdpa_unet_attention). The first step compiles (the log says so); later steps reuse the graphs, as long as the shapes stay the same.
+        Blocks whose host forward adds residuals in place (0.0.1) are compiled from their class forward under
+        `_OutOfPlaceAdds` (same arithmetic, new tensors): an in-place add on a tensor saved for backward is what
+        AOTAutograd refuses. Enter it before `checkpointing`, so a recomputed block runs the compiled code too."""
+        if not enabled:
+            yield 0
+            return
+        check_compile_available(self.model.load_device)
+        mode = compile_mode(self.model.load_device)
+
+        def make_forward(mod: nn.Module) -> Callable | None:
+            if type(mod).__name__ not in _CHECKPOINT_CLASSES:
+                return None
+            self._compiled.add(id(mod))
+            if adds_residual_in_place(type(mod)):
+                forward = types.MethodType(type(mod).forward, mod)
+                return torch.compile(functools.partial(_out_of_place_call, forward), mode=mode, dynamic=False)
+            return torch.compile(mod.forward, mode=mode, dynamic=False)
+
+        blocks = sum(1 for m in self.model.model.diffusion_model.modules() if type(m).__name__ in _CHECKPOINT_CLASSES)
+        # one code object serves every block of a class, and each block (its own patches and options) needs its
+        # own compiled entry: without room for all of them dynamo would quietly run the rest eagerly
+        limits = dict(recompile_limit=max(8, 2 * blocks), accumulated_recompile_limit=max(256, 4 * blocks))
+        try:
+            # donated buffers forbid a second backward through the graph; the gradient-share steps take one per
+            # loss term (retain_graph, sefi_core.grad_share)
+            with torch._dynamo.config.patch(**limits), torch._functorch.config.patch(donated_buffer=False), \
+                    host.sdpa_unet_attention(), temporary_forwards(self.model.model.diffusion_model, make_forward) as count:
+                yield count
+        finally:
+            self._compiled.clear()
+
+
+def compile_mode(device) -> str:
+    return "reduce-overhead" if getattr(device, "type", str(device)) == "cuda" else "default"
+
+
+def check_compile_available(device) -> None:
+    """Refuse compile_unet early, with what to install, where torch.compile cannot build code here."""
+    kind = getattr(device, "type", str(device))
+    if kind == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise RuntimeError("compile_unet on a CUDA GPU needs Triton: pip install triton (on Windows: pip install "
+                               "triton-windows), or set compile_unet to false")
+    elif kind == "cpu":
+        if not any(shutil.which(c) for c in ("g++", "clang++", "c++", "cl")):
+            raise RuntimeError("compile_unet on the CPU needs a C++ compiler (g++, clang++ or MSVC's cl) on PATH; "
+                               "install one or set compile_unet to false")
+    else:
+        raise RuntimeError(f"compile_unet is supported on CUDA GPUs and the CPU, not on {kind}; set compile_unet "
+                           f"to false")
+
+
+def _out_of_place_call(forward: Callable, *args, **kwargs):
+    with _OutOfPlaceAdds():
+        return forward(*args, **kwargs)
 
 
 _CHECKPOINT_CLASSES = frozenset({"BasicTransformerBlock", "ResBlock"})
@@ -165,13 +234,14 @@ def _checkpointed(base, plain, inplace: bool, st):
             calls[0] += 1
             if calls[0] == 1:
                 return call(a, k)
-            live = (st.values, st.ref, st.tcols, st.rcols, st.recording)
+            live = (st.values, st.ref, st.tcols, st.rcols, st.records)
             st.values, st.ref, st.tcols, st.rcols = snapshot
-            st.recording = False
+            # the first pass recorded the maps; a scratch list (not a flag) keeps a compiled block's code the same
+            st.records = []
             try:
                 return call(a, k)
             finally:
-                st.values, st.ref, st.tcols, st.rcols, st.recording = live
+                st.values, st.ref, st.tcols, st.rcols, st.records = live
 
         return _checkpoint(run, *args, use_reentrant=False, **kwargs)
 

@@ -1,0 +1,118 @@
+"""The speed options of SeFi Train Identity, each checked on the CPU against the eager path with the real step
+function (tiny SD1.5, 64 px): `compile_unet` (regional torch.compile of the U-Net's blocks, alone and under gradient
+checkpointing) and the loop's accelerator path (fused AdamW, steps read back together). The GPU figures they are
+for come from bench/ (bench/README.md); here only the numbers' equality is asserted."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from .test_train_node import RES, _settings, _train
+
+
+@pytest.fixture(scope="module")
+def photo(face_photo):
+    return face_photo("obama_1.jpg", 160)
+
+
+def _blocks(unet) -> int:
+    return sum(1 for m in unet.modules() if type(m).__name__ in ("BasicTransformerBlock", "ResBlock"))
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients(host, sd15, pack, photo):
+    """One step with the attention loss on: the compiled U-Net gives the eager loss, attention term and token
+    gradients within float32 rounding, also with gradient checkpointing around it (the recomputation runs the
+    compiled blocks), records each loss map once, and every block's forward is put back afterwards."""
+    th = pack.glue("training")
+    model, clip, vae = sd15
+    unet = model.model.diffusion_model
+    with torch.inference_mode(), th.training_context(model, clip):
+        step = th.SefiStep(model, clip, vae, th.fit_image(photo, RES), None,
+                           _settings(pack, attention_weight=1.0), "sks", 1)
+        init = step.text.initializer_embedding("person")
+        g = torch.Generator().manual_seed(2)
+        start = init.view(1, 1, 1, 768).expand(2, 2, 1, 768) + 0.01 * torch.randn(2, 2, 1, 768, generator=g)
+
+        def one_step():
+            tok = start.clone().requires_grad_(True)
+            loss, parts, _ = step({"clip_l": tok}, torch.Generator().manual_seed(5), 0)
+            loss.backward()
+            return loss.detach(), tok.grad.clone(), float(parts["attention"])
+
+        before = {id(m): m.__dict__.get("forward") for m in unet.modules()}
+        eager = one_step()
+        with step.unet.compiled(True) as count:
+            assert count == _blocks(unet) > 0
+            compiled = one_step()
+            with step.unet.checkpointing(True):
+                checkpointed = one_step()
+        after = {id(m): m.__dict__.get("forward") for m in unet.modules()}
+    assert eager[2] > 0 and eager[1].abs().sum() > 0
+    for other in (compiled, checkpointed):
+        torch.testing.assert_close(other[0], eager[0], rtol=1e-5, atol=1e-7)
+        assert other[2] == pytest.approx(eager[2], rel=1e-4)
+        torch.testing.assert_close(other[1], eager[1], rtol=1e-3, atol=1e-7)
+    assert all(after[k] is before[k] for k in before)
+
+
+def test_compile_unet_through_the_node(host, sd15, photo, caplog):
+    caplog.set_level(logging.INFO)
+    eager = _train(host, sd15, photo, name="eager_steps", steps=2, flip_augmentation=False)[0]
+    compiled = _train(host, sd15, photo, name="compiled_steps", steps=2, flip_augmentation=False,
+                      compile_unet=True)[0]
+    assert compiled.training["compile_unet"] is True and eager.training["compile_unet"] is False
+    assert "compiling" in caplog.text and "U-Net blocks (mode default)" in caplog.text
+    assert compiled.training["final_loss"] == pytest.approx(eager.training["final_loss"], rel=1e-4)
+    torch.testing.assert_close(compiled.tokens["clip_l"], eager.tokens["clip_l"], rtol=1e-3, atol=1e-5)
+    model = sd15[0]
+    assert all("forward" not in mod.__dict__ for mod in model.model.modules())
+
+
+def test_compile_unet_says_what_to_install(host, sd15, pack, photo, monkeypatch):
+    th = pack.glue("training")
+    unet_step = pack.glue("training.unet_step")
+    monkeypatch.setattr(unet_step.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match=r"C\+\+ compiler .*set compile_unet to false"):
+        th.check_compile_available(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="compile_unet"):  # refused before any training starts
+        _train(host, sd15, photo, name="no_compiler", steps=1, compile_unet=True)
+    import torch.utils._triton as triton_probe
+    monkeypatch.setattr(triton_probe, "has_triton", lambda: False)
+    with pytest.raises(RuntimeError, match="pip install triton .*triton-windows"):
+        th.check_compile_available(torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="not on mps"):
+        th.check_compile_available(torch.device("mps"))
+    assert th.compile_mode(torch.device("cuda")) == "reduce-overhead" and th.compile_mode(torch.device("cpu")) == \
+        "default"
+
+
+def test_accelerator_loop_path_with_the_real_step(host, sd15, pack, photo):
+    """The loop's accelerator path forced on the CPU with SeFi's own step function: reading 3 steps back at once
+    changes no bit against the same fused AdamW read every step, and the fused AdamW matches the CPU default's
+    single-tensor AdamW within rounding."""
+    th = pack.glue("training")
+    tr = pack.core("training")
+    gen = pack.core("generator")
+    model, clip, vae = sd15
+    settings = _settings(pack, steps=5, lr=5e-3, attention_weight=1.0, grad_share_every=2)
+    runs = {}
+    with torch.inference_mode(), th.training_context(model, clip):
+        step = th.SefiStep(model, clip, vae, th.fit_image(photo, RES), None, settings, "sks", 1)
+        init = step.text.initializer_embeddings("man")
+        for label, mode in (("cpu default", {}), ("fused", dict(fused=True, sync_every=1)),
+                            ("fused, read every 3", dict(fused=True, sync_every=3))):
+            g = gen.build_generator("direct", init, stages=2, vectors_per_token=1, kv_split=True, seed=3)
+            seen = []
+            result = tr.run_training(g, step, settings, on_progress=lambda s, n, loss, parts: seen.append(s),
+                                     **mode)
+            assert seen == [1, 2, 3, 4, 5], label
+            runs[label] = result.state
+    a, b, c = runs["cpu default"], runs["fused"], runs["fused, read every 3"]
+    assert c.loss_history == b.loss_history and c.parts_history == b.parts_history
+    assert all(torch.equal(c.generator[k], b.generator[k]) for k in b.generator)
+    assert "grad_share_attention" in c.parts_history[1]
+    assert b.loss_history == pytest.approx(a.loss_history, rel=1e-5)
+    for k in a.generator:
+        torch.testing.assert_close(b.generator[k], a.generator[k], rtol=1e-4, atol=1e-6)
