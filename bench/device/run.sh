@@ -25,7 +25,7 @@ LOG=$OUT/bench.log
 FAILED=()
 SUMMARY=""
 BENCH_START=$SECONDS
-KEY_LINES="^(host:|TI |SeFi |ratio|identity:|plain CLIPTextEncode|SeFiApplyIdentity +:|one-time)"
+KEY_LINES="^(host:|TI |SeFi |ratio|batch |identity:|plain CLIPTextEncode|SeFiApplyIdentity +:|one-time)"
 
 # bench LABEL CAP_S MODULE ARGS...: run one bench module under min(CAP_S, what is left of the budget). The benches
 # boot the host with device="auto", so they use the GPU when there is one.
@@ -104,14 +104,19 @@ PY
   # 3. The benches (goals: SeFi step <= 45 ms and SeFi/TI <= 1.15 at batch 1 on the full SD1.5 UNet at 512 px,
   #    peak <= 4 GiB, a 600-step identity <= 20 s; sampling with the identity <= 1.03 x plain).
   BENCH_START=$SECONDS
+  #    Order: what the goals need first (eager and the loop's sync path side by side, then a default identity), then
+  #    compile with the batch-size sweep (the longest: one compile per batch size), fp16, sampling.
   if [[ $SMOKE == 1 ]]; then
-    bench train_step 300 bench.train_step --steps 1 --identity 2
+    bench train_step 300 bench.train_step --steps 1 --modes eager,sync --identity 2
+    bench train_step_compile 300 bench.train_step --steps 1 --modes compile --batch-sizes 1,2
     bench train_step_fp16 300 bench.train_step --steps 1 --precision fp16
     bench apply_identity 300 bench.apply_identity --steps 2 --repeats 1
   else
-    bench train_step 230 bench.train_step --full-sd15 --resolution 512 --steps 20 --identity 600
-    bench train_step_fp16 130 bench.train_step --full-sd15 --resolution 512 --steps 20 --precision fp16
-    bench apply_identity 100 bench.apply_identity --size 512 --steps 20
+    bench train_step 150 bench.train_step --full-sd15 --resolution 512 --steps 20 --modes eager,sync --identity 600
+    bench train_step_compile 190 bench.train_step --full-sd15 --resolution 512 --steps 20 --modes compile \
+      --batch-sizes 1,2,4
+    bench train_step_fp16 70 bench.train_step --full-sd15 --resolution 512 --steps 20 --precision fp16 --modes eager,sync
+    bench apply_identity 50 bench.apply_identity --size 512 --steps 20
   fi
 
   echo
