@@ -97,6 +97,9 @@ class UnetStep:
                 tcols=None, rcols=None, y: Tensor | None = None):
         st = self.st
         st.values, st.ref, st.tcols, st.rcols, st.records = c_v, ref, tcols, rcols, []
+        if self._compiled:
+            # a new step: the CUDA graphs may reuse the previous step's output memory (whose loss is done with)
+            torch.compiler.cudagraph_mark_step_begin()
         device = self.model.load_device
         to = dict(self.clone.model_options.get("transformer_options", {}))
         sigma = sigma.to(device)
@@ -168,9 +171,12 @@ class UnetStep:
         # own compiled entry: without room for all of them dynamo would quietly run the rest eagerly
         limits = dict(recompile_limit=max(8, 2 * blocks), accumulated_recompile_limit=max(256, 4 * blocks))
         try:
-            # donated buffers forbid a second backward through the graph; the gradient-share steps take one per
-            # loss term (retain_graph, sefi_core.grad_share)
+            # The gradient-share steps backpropagate once per loss term through the same graph (retain_graph,
+            # sefi_core.grad_share). Donated buffers refuse that outright, and Inductor's in-place reuse of the
+            # backward's input buffers silently corrupts it (torch 2.13, both hosts: the second backward's
+            # gradient was 6 % off); both are turned off for the compiled blocks.
             with torch._dynamo.config.patch(**limits), torch._functorch.config.patch(donated_buffer=False), \
+                    torch._inductor.config.patch(inplace_buffers=False), \
                     host.sdpa_unet_attention(), temporary_forwards(self.model.model.diffusion_model, make_forward) as count:
                 yield count
         finally:
