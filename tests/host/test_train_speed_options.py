@@ -145,3 +145,38 @@ def test_accelerator_loop_path_with_the_real_step(host, sd15, pack, photo):
     assert b.loss_history == pytest.approx(a.loss_history, rel=1e-5)
     for k in a.generator:
         torch.testing.assert_close(b.generator[k], a.generator[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_batch_is_its_samples_each_with_its_own_stage(host, sd15, pack, photo):
+    """batch_size > 1 (the sweep's "several timesteps per step"): each sample is noised at its own timestep and
+    conditioned on its own stage's K/V tokens, and the batch's diffusion and attention losses are the means of the
+    samples' own losses — so B samples per step spend the sample budget exactly as B steps of one would."""
+    th = pack.glue("training")
+    stages_of = pack.core("stages").stage_of_timestep
+    model, clip, vae = sd15
+    settings = _settings(pack, batch_size=4, attention_weight=1.0)
+    with torch.inference_mode(), th.training_context(model, clip):
+        step = th.SefiStep(model, clip, vae, th.fit_image(photo, RES), None, settings, "sks", 1)
+        init = step.text.initializer_embedding("man")
+        g = torch.Generator().manual_seed(4)
+        tokens = {"clip_l": init.view(1, 1, 1, 768) + 0.05 * torch.randn(5, 2, 1, 768, generator=g)}
+        j, x0, m, t, noise = step._draw(torch.Generator().manual_seed(9), 4)
+        stages = stages_of(t * (1000.0 / len(step.sigmas)), 5).long()
+        assert len(set(stages.tolist())) > 1, "the draw should span several stages"
+        seen = []
+        encode = step.text.encode_prompt
+        step.text.encode_prompt = lambda prompt, vec: seen.append(vec["clip_l"]) or encode(prompt, vec)
+        try:
+            with torch.no_grad():
+                diff, records, _ = step._forward(tokens, j, x0, m, t, noise, True, step.columns)
+                att = step._attention_loss(records, m)
+                alone = [step._forward(tokens, j, x0[i:i + 1], m, t[i:i + 1], noise[i:i + 1], True, step.columns)
+                         for i in range(4)]
+                alone_att = [step._attention_loss(r, m) for _, r, _ in alone]
+        finally:
+            step.text.encode_prompt = encode
+    k_rows, v_rows = seen[0][:4], seen[0][4:]
+    for i, s in enumerate(stages.tolist()):
+        assert torch.equal(k_rows[i], tokens["clip_l"][s, 0]) and torch.equal(v_rows[i], tokens["clip_l"][s, 1])
+    torch.testing.assert_close(diff, torch.stack([d for d, _, _ in alone]).mean(), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(att, torch.stack(alone_att).mean(), rtol=1e-4, atol=1e-9)
