@@ -123,8 +123,9 @@ def main(argv=None) -> int:
 
     def run(step_fn, make_generator, settings, mode):
         """(ms per step, one-time seconds of the 2 warm-up steps, peak bytes) through the real training loop."""
-        loop = (dict(fused=False, sync_every=1) if mode == "eager"
-                else dict(fused=True, sync_every=step_sync.DEFERRED_SYNC_STEPS))
+        # sync/compile: what the loop chooses on a GPU (step_sync.choose_sync): fp16 reads every step for its scale
+        deferred = 1 if settings.precision == "fp16" else step_sync.DEFERRED_SYNC_STEPS
+        loop = dict(fused=False, sync_every=1) if mode == "eager" else dict(fused=True, sync_every=deferred)
         with step_fn.unet.compiled(mode == "compile"):
             t0 = synced()
             tr.run_training(make_generator(), step_fn, dataclasses.replace(settings, steps=2), **loop)

@@ -109,7 +109,7 @@ PY
   if [[ $SMOKE == 1 ]]; then
     bench train_step 300 bench.train_step --steps 1 --modes eager,sync --identity 2
     bench train_step_compile 300 bench.train_step --steps 1 --modes compile --batch-sizes 1,2
-    bench train_step_fp16 300 bench.train_step --steps 1 --precision fp16
+    bench train_step_fp16 300 bench.train_step --steps 1 --precision fp16 --modes eager,sync
     bench apply_identity 300 bench.apply_identity --steps 2 --repeats 1
   else
     bench train_step 150 bench.train_step --full-sd15 --resolution 512 --steps 20 --modes eager,sync --identity 600
