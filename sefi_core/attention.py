@@ -45,9 +45,11 @@ def _split_heads(x: Tensor, heads: int, name: str) -> Tensor:
     return x.view(b, n, heads, inner // heads).transpose(1, 2)  # [b, h, n, d]
 
 
-def _column_index(columns: Sequence[int] | None, nk: int, device: torch.device) -> Tensor | None:
+def _column_index(columns: Sequence[int] | Tensor | None, nk: int, device: torch.device) -> Tensor | None:
     if columns is None:
         return None
+    if isinstance(columns, Tensor):  # an index the caller built (and checked) once, ideally on `device` already
+        return columns.to(device=device, dtype=torch.long, non_blocking=True)
     cols = [int(c) for c in columns]
     bad = [c for c in cols if not 0 <= c < nk]
     if bad:
@@ -75,7 +77,7 @@ def attention_with_probs(
     k: Tensor,
     v: Tensor,
     heads: int,
-    columns: Sequence[int] | None,
+    columns: Sequence[int] | Tensor | None,
     *,
     upcast: bool = True,
 ) -> tuple[Tensor, Tensor]:
@@ -84,7 +86,7 @@ def attention_with_probs(
     Returns ``out [b, nq, heads*dv]`` (same as
     ``scaled_dot_product_attention`` with default scale ``1/sqrt(dh)``, in ``v``'s dtype) and
     ``probs_cols [b, heads, nq, len(columns)]`` (float32 when ``upcast``; ``columns=None``
-    returns every column). Gradients flow to ``q``, ``k`` and ``v`` through both outputs.
+    returns every column; a LongTensor of columns is used as given, unchecked). Gradients flow to ``q``, ``k`` and ``v`` through both outputs.
 
     ``upcast`` computes scores and softmax in float32 — a bf16/fp16 softmax is too coarse for
     the tiny per-token probabilities the loss compares (ComfyUI's ``attn_precision`` does the
@@ -101,7 +103,7 @@ def attention_with_probs(
 
 
 def reference_probs(
-    q: Tensor, k_ref: Tensor, heads: int, columns: Sequence[int] | None, *, upcast: bool = True
+    q: Tensor, k_ref: Tensor, heads: int, columns: Sequence[int] | Tensor | None, *, upcast: bool = True
 ) -> Tensor:
     """Probabilities the same queries give the reference prompt's keys; **no gradient**.
 

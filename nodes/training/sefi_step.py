@@ -92,6 +92,7 @@ class SefiStep:
                 # SDXL's y: the same rule as SeFi Apply Identity (prompt_encoding.initializer_conditioning)
                 _, pooled = initializer_conditioning(clip, template.replace("{}", trigger), [identity])
                 self.adm.append(adm_input(model, pooled, res))
+        self._device_constants: dict[tuple, Tensor] = {}
         self.unet = UnetStep(model, self.latent_hw, settings.loss_sites, self.ref_conds[0].shape[-1], self.adm[0])
 
     # -- one sample set ------------------------------------------------------------------------------------
@@ -125,13 +126,16 @@ class SefiStep:
         cond = self.text.encode_prompt(self.prompts[j], vec)  # [2B, 77, C]
         c_k, c_v = cond[:b], cond[b:]
         device = self.model.load_device
-        sigma = self.sigmas[t].to(device)
-        x0d = self.model.model.process_latent_in(x0.to(device))
-        noise = noise.to(device)
+        # the step's draws are made on the CPU (reproducible everywhere) and copied without blocking: on a GPU a
+        # blocking copy would wait for everything queued before it (sefi_core.step_sync)
+        sigma = self.sigmas[t].to(device, non_blocking=True)
+        x0d = self.model.model.process_latent_in(x0.to(device, non_blocking=True))
+        noise = noise.to(device, non_blocking=True)
         x_t = self.ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0d)
-        ref = self.ref_conds[j].expand(b, -1, -1) if capture else None
+        ref = self._on_device("ref", j, self.ref_conds[j], device).expand(b, -1, -1) if capture else None
         tcols, rcols = columns[j] if capture else (None, None)
-        denoised, records = self.unet.forward(x_t, sigma, c_k, c_v, ref, tcols, rcols, y=self.adm[j])
+        y = None if self.adm[j] is None else self._on_device("adm", j, self.adm[j], device)
+        denoised, records = self.unet.forward(x_t, sigma, c_k, c_v, ref, tcols, rcols, y=y)
         denoised = denoised.float()
         eps_hat = losses.eps_from_denoised(x_t.float(), denoised, sigma)
         if self.kind == "eps":
@@ -141,8 +145,16 @@ class SefiStep:
             a, sg = a.view(-1, 1, 1, 1), sg.view(-1, 1, 1, 1)
             pred = a * eps_hat - sg * denoised
             target = losses.diffusion_target("v", x0d.float(), noise.float(), sigma=sigma.float())
-        mask = m.to(device) if (m is not None and s.masked_diffusion) else None
+        mask = m.to(device, non_blocking=True) if (m is not None and s.masked_diffusion) else None
         return losses.diffusion_loss(pred, target, mask), records, m
+
+    def _on_device(self, kind: str, j: int, value: Tensor, device) -> Tensor:
+        """A per-template constant (reference encoding, SDXL's `y`), copied to the device once, not every step."""
+        key = (kind, j, str(device))
+        cached = self._device_constants.get(key)
+        if cached is None:
+            cached = self._device_constants[key] = value.to(device)
+        return cached
 
     def _attention_loss(self, records, m):
         s = self.settings

@@ -62,12 +62,12 @@ class _ClipRunner:
     def run(self, ids: Tensor, slots: Sequence[int] | None = None, vectors: Tensor | None = None) -> Tensor:
         weight = self.tm.embeddings.token_embedding.weight
         device = weight.device
-        ids = ids.to(device)
+        ids = ids.to(device, non_blocking=True)  # a blocking copy would wait for the GPU's queue (step_sync)
         x = F.embedding(ids, weight).float()
         if vectors is not None:
             b, n, c = vectors.shape
             rows = torch.arange(b, device=device).repeat_interleave(n)
-            cols = torch.tensor(list(slots), device=device, dtype=torch.long).repeat(b)
+            cols = torch.tensor(list(slots), dtype=torch.long).to(device, non_blocking=True).repeat(b)
             x = torch.index_put(x, (rows, cols), vectors.reshape(b * n, c).to(device=device, dtype=x.dtype))
         t = x.shape[1]
         x = x + self.tm.embeddings.position_embedding.weight[:t].to(x.dtype).clone()

@@ -44,6 +44,7 @@ class UnetStep:
         self.latent_hw = latent_hw
         self.adm = adm  # SDXL: the U-Net's `y` input [1, adm_channels] (pooled clip_g + size embeddings)
         self._compiled: set[int] = set()  # ids of the blocks `compiled` wraps, while it is active
+        self._indices: dict[tuple, Tensor] = {}  # key-column index tensors by (columns, device)
         self.st = SimpleNamespace(values=None, ref=None, tcols=None, rcols=None, records=[], spy=None)
         self.clone.set_model_attn2_patch(self._patch)
         self.sites = self._discover(context_dim)
@@ -96,26 +97,40 @@ class UnetStep:
     def forward(self, x_t: Tensor, sigma: Tensor, c_k: Tensor, c_v: Tensor | None, ref: Tensor | None = None,
                 tcols=None, rcols=None, y: Tensor | None = None):
         st = self.st
-        st.values, st.ref, st.tcols, st.rcols, st.records = c_v, ref, tcols, rcols, []
+        device = self.model.load_device
+        # the loss sites' key columns as device tensors, built once per prompt: an index made from a list at every
+        # site would be a host-to-device copy, and on a GPU each blocking copy waits for all queued work
+        st.values, st.ref, st.records = c_v, ref, []
+        st.tcols, st.rcols = self._device_index(tcols, device), self._device_index(rcols, device)
         if self._compiled:
             # a new step: the CUDA graphs may reuse the previous step's output memory (whose loss is done with)
             torch.compiler.cudagraph_mark_step_begin()
-        device = self.model.load_device
         to = dict(self.clone.model_options.get("transformer_options", {}))
-        sigma = sigma.to(device)
+        sigma = sigma.to(device, non_blocking=True)
         to["cond_or_uncond"] = [0]
         to["sigmas"] = sigma
-        extra = {} if y is None else {"y": y.to(device).expand(x_t.shape[0], -1)}
+        extra = {} if y is None else {"y": y.to(device, non_blocking=True).expand(x_t.shape[0], -1)}
         try:
             # no autocast: the stand-ins already hold the compute dtype and apply_model casts the inputs to it, and
             # an autocast region would also pull the loss maps' float32 softmax back to low precision
-            out = self.clone.model.apply_model(x_t.to(device), sigma, c_crossattn=c_k.to(device),
+            out = self.clone.model.apply_model(x_t.to(device, non_blocking=True), sigma,
+                                               c_crossattn=c_k.to(device, non_blocking=True),
                                                transformer_options=to, **extra)
             return out, list(st.records)
         finally:
             st.values = st.ref = None
             st.records = []
 
+
+    def _device_index(self, columns, device) -> Tensor | None:
+        if columns is None or isinstance(columns, Tensor):
+            return columns
+        key = (tuple(int(c) for c in columns), str(device))
+        index = self._indices.get(key)
+        if index is None:
+            with torch.inference_mode(False):  # saved for backward by index_select: no inference tensor
+                index = self._indices[key] = torch.tensor(key[0], dtype=torch.long).to(device)
+        return index
 
     @contextlib.contextmanager
     def checkpointing(self, enabled: bool = True):
