@@ -29,7 +29,8 @@ def term_gradients(terms: Mapping[str, Tensor], params: Sequence[Tensor],
             grads[name] = [None] * len(params)
             continue
         last = name == live[-1]
-        grads[name] = list(torch.autograd.grad(term, list(params), retain_graph=keep_graph or not last, allow_unused=True))
+        grads[name] = list(torch.autograd.grad(term, list(params), retain_graph=keep_graph or not last,
+                                               allow_unused=True))
     return grads
 
 

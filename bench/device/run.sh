@@ -115,7 +115,8 @@ PY
     bench train_step 150 bench.train_step --full-sd15 --resolution 512 --steps 20 --modes eager,sync --identity 600
     bench train_step_compile 190 bench.train_step --full-sd15 --resolution 512 --steps 20 --modes compile \
       --batch-sizes 1,2,4
-    bench train_step_fp16 70 bench.train_step --full-sd15 --resolution 512 --steps 20 --precision fp16 --modes eager,sync
+    bench train_step_fp16 70 bench.train_step --full-sd15 --resolution 512 --steps 20 --precision fp16 \
+      --modes eager,sync
     bench apply_identity 50 bench.apply_identity --size 512 --steps 20
   fi
 

@@ -20,7 +20,7 @@ from .unet_step import UnetStep, check_compile_available, compile_mode, select_s
 
 __all__ = [
     "DTYPE_NAMES", "PRECISION_CHOICES", "PRECISION_DTYPES", "PromptTokens", "SefiStep", "TextEncoder", "TriggerWord",
-    "UnetStep", "adm_input", "check_compile_available", "compile_mode", "align_columns", "compute_dtype", "fit_image", "fit_mask", "frozen_copies",
-    "peak_memory_bytes", "reference_slots", "reset_peak_memory", "safe_inplace_residuals", "select_sites",
-    "temporary_forwards", "training_context", "unet_compute_dtype", "widened_linears",
+    "UnetStep", "adm_input", "align_columns", "check_compile_available", "compile_mode", "compute_dtype", "fit_image",
+    "fit_mask", "frozen_copies", "peak_memory_bytes", "reference_slots", "reset_peak_memory", "safe_inplace_residuals",
+    "select_sites", "temporary_forwards", "training_context", "unet_compute_dtype", "widened_linears",
 ]

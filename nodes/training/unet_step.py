@@ -121,7 +121,6 @@ class UnetStep:
             st.values = st.ref = None
             st.records = []
 
-
     def _device_index(self, columns, device) -> Tensor | None:
         if columns is None or isinstance(columns, Tensor):
             return columns
@@ -162,7 +161,8 @@ class UnetStep:
         each block is one graph, forward and backward, with this step's K/V patches traced into it).
 
         Mode: "reduce-overhead" (CUDA graphs: the step is launch-bound there) on CUDA, the default mode elsewhere.
-        The blocks' attention is the host's SDPA function meanwhile (host.sdpa_unet_attention). The first step compiles (the log says so); later steps reuse the graphs, as long as the shapes stay the same.
+        The blocks' attention is the host's SDPA function meanwhile (host.sdpa_unet_attention). The first step
+        compiles (the log says so); later steps reuse the graphs, as long as the shapes stay the same.
         Blocks whose host forward adds residuals in place (0.0.1) are compiled from their class forward under
         `_OutOfPlaceAdds` (same arithmetic, new tensors): an in-place add on a tensor saved for backward is what
         AOTAutograd refuses. Enter it before `checkpointing`, so a recomputed block runs the compiled code too."""
@@ -192,7 +192,8 @@ class UnetStep:
             # gradient was 6 % off); both are turned off for the compiled blocks.
             with torch._dynamo.config.patch(**limits), torch._functorch.config.patch(donated_buffer=False), \
                     torch._inductor.config.patch(inplace_buffers=False), \
-                    host.sdpa_unet_attention(), temporary_forwards(self.model.model.diffusion_model, make_forward) as count:
+                    host.sdpa_unet_attention(), \
+                    temporary_forwards(self.model.model.diffusion_model, make_forward) as count:
                 yield count
         finally:
             self._compiled.clear()
