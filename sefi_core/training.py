@@ -507,6 +507,7 @@ def run_training(
             last_saved = step
         return state
 
+    max_norm = settings.grad_clip_norm if settings.grad_clip_norm > 0 else math.inf
     cuda_devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     was_training = generator.training
     generator.train()
@@ -526,7 +527,6 @@ def run_training(
                     raise TypeError(f"step_fn must return a scalar loss tensor, got {type(loss).__name__}")
                 if not loss.requires_grad:
                     raise ValueError("step_fn's loss does not depend on the tokens (no gradient); check the splicing")
-                max_norm = settings.grad_clip_norm if settings.grad_clip_norm > 0 else math.inf
                 if pending is not None:  # no host sync until settle() (sefi_core.step_sync)
                     if terms and _share_due(step + 1, settings):
                         parts = {**parts, **backward_with_shares(terms[0], params)}
@@ -534,50 +534,49 @@ def run_training(
                         loss.reshape(()).backward()
                     grad_norm_t = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach)
                     pending.add(step + 1, loss, parts, grad_norm_t)
-                    optimizer.step()
-                    step += 1
-                    due = bool(save_checkpoint is not None and settings.checkpoint_every
-                               and step % settings.checkpoint_every == 0)
-                    if len(pending) >= sync_every or due or step == settings.steps:
-                        settle()
-                    if due:
-                        checkpoint()
-                    continue
-                parts = {str(k): float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in parts.items()}
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise TrainingDivergedError(step + 1, settings.steps, loss_value, parts,
-                                                "the loss is not finite", settings, last_saved)
-                if terms and _share_due(step + 1, settings):
-                    scaled = {k: t if scaler is None else scaler.scaled(t) for k, t in terms[0].items()}
-                    parts.update(backward_with_shares(scaled, params))  # ratios: the loss scale cancels
+                    optimizer.step()  # left out on the device once pending.skip is set
                 else:
-                    (loss if scaler is None else scaler.scaled(loss)).reshape(()).backward()
-                overflow = scaler is not None and not scaler.unscale_(params)
-                grad_norm = math.inf if overflow else float(
-                    torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach))
-                if scaler is not None:
-                    parts["loss_scale"] = scaler.scale
-                    scaler.update(not overflow)
-                if overflow and not scaler.exhausted:
-                    optimizer.zero_grad(set_to_none=True)  # skip this update; the next step uses half the scale
-                    parts["skipped"] = 1.0
-                elif not math.isfinite(grad_norm):
-                    optimizer.zero_grad(set_to_none=True)
-                    what = (f"the gradient is not finite even at loss scale {parts['loss_scale']:g}" if overflow
-                            else f"the gradient norm is {grad_norm}")
-                    raise TrainingDivergedError(step + 1, settings.steps, loss_value, parts, what, settings,
-                                                last_saved)
-                else:
-                    optimizer.step()
+                    parts = {str(k): float(v.detach()) if isinstance(v, Tensor) else float(v)
+                             for k, v in parts.items()}
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value):
+                        raise TrainingDivergedError(step + 1, settings.steps, loss_value, parts,
+                                                    "the loss is not finite", settings, last_saved)
+                    if terms and _share_due(step + 1, settings):
+                        scaled = {k: t if scaler is None else scaler.scaled(t) for k, t in terms[0].items()}
+                        parts.update(backward_with_shares(scaled, params))  # ratios: the loss scale cancels
+                    else:
+                        (loss if scaler is None else scaler.scaled(loss)).reshape(()).backward()
+                    overflow = scaler is not None and not scaler.unscale_(params)
+                    grad_norm = math.inf if overflow else float(
+                        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach))
+                    if scaler is not None:
+                        parts["loss_scale"] = scaler.scale
+                        scaler.update(not overflow)
+                    if overflow and not scaler.exhausted:
+                        optimizer.zero_grad(set_to_none=True)  # skip this update; the next step uses half the scale
+                        parts["skipped"] = 1.0
+                    elif not math.isfinite(grad_norm):
+                        optimizer.zero_grad(set_to_none=True)
+                        what = (f"the gradient is not finite even at loss scale {parts['loss_scale']:g}" if overflow
+                                else f"the gradient norm is {grad_norm}")
+                        raise TrainingDivergedError(step + 1, settings.steps, loss_value, parts, what, settings,
+                                                    last_saved)
+                    else:
+                        optimizer.step()
 
                 step += 1
-                parts["grad_norm"] = grad_norm
-                history.append(loss_value)
-                parts_history.append(parts)
-                if on_progress is not None:
-                    on_progress(step, settings.steps, loss_value, dict(parts))
-                if save_checkpoint is not None and settings.checkpoint_every and step % settings.checkpoint_every == 0:
+                due = bool(save_checkpoint is not None and settings.checkpoint_every
+                           and step % settings.checkpoint_every == 0)
+                if pending is None:
+                    parts["grad_norm"] = grad_norm
+                    history.append(loss_value)
+                    parts_history.append(parts)
+                    if on_progress is not None:
+                        on_progress(step, settings.steps, loss_value, dict(parts))
+                elif len(pending) >= sync_every or due or step == settings.steps:
+                    settle()
+                if due:
                     checkpoint()
             settle()
             return TrainResult(checkpoint(), interrupted=False)
