@@ -181,20 +181,20 @@ class UnetStep:
                 return torch.compile(functools.partial(_out_of_place_call, forward), mode=mode, dynamic=False)
             return torch.compile(mod.forward, mode=mode, dynamic=False)
 
-        blocks = sum(1 for m in self.model.model.diffusion_model.modules() if type(m).__name__ in _CHECKPOINT_CLASSES)
-        # one code object serves every block of a class, and each block (its own patches and options) needs its
-        # own compiled entry: without room for all of them dynamo would quietly run the rest eagerly
-        limits = dict(recompile_limit=max(8, 2 * blocks), accumulated_recompile_limit=max(256, 4 * blocks))
         try:
+            # Compiling happens at the first call, so the settings below only need to be in force by then.
+            # One code object serves every block of a class, and each block (its own patches and options) needs its
+            # own compiled entry: without room for all of them dynamo would quietly run the rest eagerly.
             # The gradient-share steps backpropagate once per loss term through the same graph (retain_graph,
             # sefi_core.grad_share). Donated buffers refuse that outright, and Inductor's in-place reuse of the
             # backward's input buffers silently corrupts it (torch 2.13, both hosts: the second backward's
             # gradient was 6 % off); both are turned off for the compiled blocks.
-            with torch._dynamo.config.patch(**limits), torch._functorch.config.patch(donated_buffer=False), \
-                    torch._inductor.config.patch(inplace_buffers=False), \
-                    host.sdpa_unet_attention(), \
-                    temporary_forwards(self.model.model.diffusion_model, make_forward) as count:
-                yield count
+            with temporary_forwards(self.model.model.diffusion_model, make_forward) as blocks, \
+                    torch._dynamo.config.patch(recompile_limit=max(8, 2 * blocks),
+                                               accumulated_recompile_limit=max(256, 4 * blocks)), \
+                    torch._functorch.config.patch(donated_buffer=False), \
+                    torch._inductor.config.patch(inplace_buffers=False), host.sdpa_unet_attention():
+                yield blocks
         finally:
             self._compiled.clear()
 
