@@ -12,7 +12,7 @@ from sefi_core.generator import rebuild_generator
 from sefi_core.step_sync import DEFERRED_SYNC_STEPS, choose_sync
 from sefi_core.training import TrainingDivergedError, load_train_state, run_training, save_train_state
 
-from .test_training import Cancel, Toy, _generator, _same_tensors, _settings
+from .test_training import Cancel, Toy, _generator, _same_tensors, _settings, cancelling_host_calls
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,29 +93,13 @@ def test_interrupt_between_read_backs_checkpoints_the_last_completed_step(tmp_pa
     settings = _settings(steps=11, checkpoint_every=0)
     full = run_training(_generator(), Toy("reference"), settings, **DEFERRED)
     ckpt = tmp_path / "train.safetensors"
-    toy, stop = Toy("reference"), 6
-
-    def step_fn(tokens, rng, step):
-        if where == "step_fn" and step == stop:
-            raise Cancel()
-        return toy(tokens, rng, step)
-
-    def on_progress(step, total, loss, parts):
-        if where == "on_progress" and step == stop:
-            raise Cancel()  # raised while the steps 5..8 are reported together: 7 and 8 are done too
-
-    polls = {"n": 0}
-
-    def should_stop() -> bool:
-        polls["n"] += 1
-        if where == "should_stop" and polls["n"] == stop + 1:
-            raise Cancel()
-        return False
-
+    stop = 6
+    calls = cancelling_host_calls(where, stop, Toy("reference"))
     with pytest.raises(Cancel):
-        run_training(_generator(), step_fn, settings, on_progress=on_progress, should_stop=should_stop,
+        run_training(_generator(), calls.pop("step_fn"), settings, **calls,
                      save_checkpoint=lambda s: save_train_state(s, ckpt), interrupts=(Cancel,), **DEFERRED)
     state = load_train_state(ckpt)
+    # on_progress raises while steps 5..8 are reported together: 7 and 8 are done too
     done = 8 if where == "on_progress" else stop
     assert state.step == done and state.loss_history == full.loss_history[:done]
     assert len(state.parts_history) == done

@@ -199,6 +199,30 @@ class Cancel(Exception):
     """Stands for the host's InterruptProcessingException."""
 
 
+def cancelling_host_calls(where: str, stop: int, toy) -> dict:
+    """run_training's step_fn / on_progress / should_stop, with the one named by `where` raising Cancel at step
+    `stop`: in step_fn mid-step (0-based `stop` has not updated anything), in on_progress once 1-based step `stop`
+    is reported, in should_stop before 0-based step `stop` starts."""
+    def step_fn(tokens, rng, step):
+        if where == "step_fn" and step == stop:
+            raise Cancel()
+        return toy(tokens, rng, step)
+
+    def on_progress(step, total, loss, parts):
+        if where == "on_progress" and step == stop:
+            raise Cancel()
+
+    polls = {"n": 0}
+
+    def should_stop() -> bool:
+        polls["n"] += 1
+        if where == "should_stop" and polls["n"] == stop + 1:
+            raise Cancel()
+        return False
+
+    return dict(step_fn=step_fn, on_progress=on_progress, should_stop=should_stop)
+
+
 @pytest.mark.parametrize("where", ["should_stop", "on_progress", "step_fn"])
 def test_interrupt_raised_by_any_host_call_checkpoints_the_last_completed_step(tmp_path: Path, where: str) -> None:
     """Hosts raise Cancel from wherever they look (the stop check, the progress bar inside on_progress, a callback
@@ -207,28 +231,10 @@ def test_interrupt_raised_by_any_host_call_checkpoints_the_last_completed_step(t
     settings = _settings(steps=9, checkpoint_every=0)
     full = run_training(_generator(), Toy("reference"), settings)
     ckpt = tmp_path / "train.safetensors"
-    toy = Toy("reference")
     stop_step = 6
-
-    def step_fn(tokens, rng, step):
-        if where == "step_fn" and step == stop_step:
-            raise Cancel()  # mid-step: step `stop_step` (0-based) has not updated anything yet
-        return toy(tokens, rng, step)
-
-    def on_progress(step, total, loss, parts):
-        if where == "on_progress" and step == stop_step:
-            raise Cancel()  # after step `stop_step` completed, before anything else ran
-
-    polls = {"n": 0}
-
-    def should_stop() -> bool:
-        polls["n"] += 1
-        if where == "should_stop" and polls["n"] == stop_step + 1:
-            raise Cancel()
-        return False
-
+    calls = cancelling_host_calls(where, stop_step, Toy("reference"))
     with pytest.raises(Cancel):
-        run_training(_generator(), step_fn, settings, on_progress=on_progress, should_stop=should_stop,
+        run_training(_generator(), calls.pop("step_fn"), settings, **calls,
                      save_checkpoint=lambda s: save_train_state(s, ckpt), interrupts=(Cancel,))
     state = load_train_state(ckpt)
     assert state.step == stop_step and state.loss_history == full.loss_history[:stop_step]

@@ -367,6 +367,18 @@ def test_kv_encodes_batched_equal_separate(host, sd15, pack):
     torch.testing.assert_close(both, apart, atol=1e-5, rtol=1e-5)
 
 
+def attention_step_and_start(pack, sd15, photo):
+    """Inside training_context: a SefiStep with the attention loss at weight 1 (every site) and K/V tokens near
+    "person" — the one step that the eager / checkpointed / compiled comparisons all run."""
+    th = pack.glue("training")
+    model, clip, vae = sd15
+    step = th.SefiStep(model, clip, vae, th.fit_image(photo, RES), None, _settings(pack, attention_weight=1.0),
+                       "sks", 1)
+    init = step.text.initializer_embedding("person")
+    g = torch.Generator().manual_seed(2)
+    return step, init.view(1, 1, 1, 768).expand(2, 2, 1, 768) + 0.01 * torch.randn(2, 2, 1, 768, generator=g)
+
+
 def test_gradient_checkpointing_same_loss_and_gradients(host, sd15, pack, photo):
     """One step with the attention loss on: checkpointed blocks give the same loss and token gradients, record
     each loss map once, and every module's forward is put back afterwards (also through the node)."""
@@ -374,11 +386,7 @@ def test_gradient_checkpointing_same_loss_and_gradients(host, sd15, pack, photo)
     model, clip, vae = sd15
     unet = model.model.diffusion_model
     with torch.inference_mode(), th.training_context(model, clip):
-        step = th.SefiStep(model, clip, vae, th.fit_image(photo, RES), None,
-                           _settings(pack, attention_weight=1.0), "sks", 1)
-        init = step.text.initializer_embedding("person")
-        g = torch.Generator().manual_seed(2)
-        start = init.view(1, 1, 1, 768).expand(2, 2, 1, 768) + 0.01 * torch.randn(2, 2, 1, 768, generator=g)
+        step, start = attention_step_and_start(pack, sd15, photo)
 
         def one_step():
             tok = start.clone().requires_grad_(True)

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from .test_train_node import RES, _settings, _train
+from .test_train_node import RES, _settings, _train, attention_step_and_start
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +30,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(host, sd15, pack, pho
     model, clip, vae = sd15
     unet = model.model.diffusion_model
     with torch.inference_mode(), th.training_context(model, clip):
-        step = th.SefiStep(model, clip, vae, th.fit_image(photo, RES), None,
-                           _settings(pack, attention_weight=1.0), "sks", 1)
-        init = step.text.initializer_embedding("person")
-        g = torch.Generator().manual_seed(2)
-        start = init.view(1, 1, 1, 768).expand(2, 2, 1, 768) + 0.01 * torch.randn(2, 2, 1, 768, generator=g)
+        step, start = attention_step_and_start(pack, sd15, photo)
 
         def one_step(per_term: bool = False):
             tok = start.clone().requires_grad_(True)
