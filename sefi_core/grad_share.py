@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["backward_with_shares", "gradient_norms", "gradient_shares", "term_gradients"]
+__all__ = ["backward_with_shares", "gradient_norms", "term_gradients"]
 
 
 def term_gradients(terms: Mapping[str, Tensor], params: Sequence[Tensor],
@@ -51,14 +51,10 @@ def _shares(norms: Mapping[str, float]) -> dict[str, float]:
     return {f"grad_share_{k}": (v / total if total > 0 else 0.0) for k, v in norms.items()}
 
 
-def gradient_shares(terms: Mapping[str, Tensor], params: Sequence[Tensor]) -> dict[str, float]:
-    """``{"grad_share_<term>": share}``, shares in [0, 1] summing to 1 (all 0 when no term has a gradient).
-    Non-finite norms give NaN shares rather than an error: the loop's own checks decide about divergence."""
-    return _shares(gradient_norms(terms, params))
-
-
 def backward_with_shares(terms: Mapping[str, Tensor], params: Sequence[Tensor]) -> dict[str, float]:
-    """What ``sum(terms).backward()`` does — each parameter's ``.grad`` gets the total gradient — plus the shares.
+    """What ``sum(terms).backward()`` does — each parameter's ``.grad`` gets the total gradient — plus the shares
+    ``{"grad_share_<term>": share}``, in [0, 1] and summing to 1 (all 0 when no term has a gradient; NaN when a norm
+    is not finite: the loop's own checks decide about divergence).
 
     The total is the sum of the terms' gradients (the gradient is linear), so the per-term backwards replace the
     loop's own one instead of coming on top of it: no graph is walked a third time (a compiled U-Net's backward

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sefi_core.grad_share import backward_with_shares, gradient_norms, gradient_shares
+from sefi_core.grad_share import backward_with_shares, gradient_norms
 from sefi_core.losses import reference_attention_loss
 from sefi_core.plot import render_loss_curve, term_shares
 from sefi_core.training import TrainSettings, run_training
@@ -20,11 +20,11 @@ def test_shares_are_the_terms_gradient_norms_over_their_sum() -> None:
     norms = gradient_norms(terms, [w])
     assert norms["diffusion"] == pytest.approx(float((2 * w).detach().norm()))
     assert norms["attention"] == pytest.approx(0.5 * math.sqrt(5))
-    shares = gradient_shares(terms, [w])
+    assert w.grad is None  # measuring keeps the graph and leaves .grad alone
+    shares = backward_with_shares(terms, [w])
     total = norms["diffusion"] + norms["attention"]
     assert shares == pytest.approx({"grad_share_diffusion": norms["diffusion"] / total,
                                     "grad_share_attention": norms["attention"] / total})
-    assert w.grad is None  # the loop's own backward is untouched
 
 
 def test_backward_with_shares_leaves_the_gradient_of_the_sum() -> None:
