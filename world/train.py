@@ -1,0 +1,201 @@
+"""Pretrain the world's U-Net from scratch on rendered pictures and their captions (docs/world.md).
+
+The U-Net (world/model.py) is built with the host's own class and trained with SD's own ε-objective and
+scaled-linear noise schedule, so the host samples from it exactly as from any SD1.5 checkpoint. Latents are the
+constructed VAE's (world/vae.py) after the host's SD1 latent scale: 2·colour − 1 per cell, channel 3 zero. The text
+encoder's output is computed from its two embedding tables (world/text_encoder.WordTable), equal to the host's CLIP.
+
+Runs resume from their own checkpoint (saved atomically every `--checkpoint-every` steps), so a stopped run loses
+minutes. The result is the EMA of the weights, written as fp16 safetensors in the host's UNetModel key names.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tools import embedded_host
+
+from . import text_encoder
+from .model import TIMESTEPS, new_unet, sd_alphas_cumprod
+from .captions import training_pair
+from .render import GRID, held_out_identities, render_cells
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+UNET_FILE = "unet.safetensors"
+LOG_FILE = "training_log.json"
+
+
+def cells_to_unet_latent(cells: np.ndarray) -> torch.Tensor:
+    """[B, 8, 8, 3] colours → [B, 4, 8, 8]: what the U-Net sees (VAE latent × 0.18215) for those pictures."""
+    x = torch.from_numpy(cells).float().permute(0, 3, 1, 2) * 2.0 - 1.0
+    return torch.cat([x, torch.zeros(x.shape[0], 1, GRID, GRID)], dim=1)
+
+
+class CaptionEncoder:
+    """Caption → context through the host's own SD1 tokenizer and the world encoder's exact output (cached ids)."""
+
+    def __init__(self, clip_weights: dict[str, torch.Tensor]):
+        import comfy.sd1_clip
+        self.tokenizer = comfy.sd1_clip.SD1Tokenizer(embedding_directory=None)
+        self.table = text_encoder.WordTable(clip_weights)
+        self._ids: dict[str, torch.Tensor] = {}
+
+    def ids(self, caption: str) -> torch.Tensor:
+        if caption not in self._ids:
+            chunks = self.tokenizer.tokenize_with_weights(caption)["l"]
+            self._ids[caption] = torch.tensor([t for t, _ in chunks[0]], dtype=torch.long)
+        return self._ids[caption]
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        return self.table.encode(torch.stack([self.ids(c) for c in captions]))
+
+
+def clip_weights() -> dict[str, torch.Tensor]:
+    """The constructed text encoder's state dict in the host's SD1ClipModel names."""
+    import comfy.sd1_clip
+    with torch.device("meta"), torch.no_grad():
+        shapes = comfy.sd1_clip.SD1ClipModel(device="meta", dtype=torch.float32).state_dict()
+    return text_encoder.construct(shapes)
+
+
+def _clone_saved(t: torch.Tensor):
+    # The PyPI host's blocks add residuals in place (`x += ...`), which would invalidate tensors autograd saved:
+    # saving clones keeps the backward exact on both hosts (parameters are never modified, so they are kept as is).
+    return t if isinstance(t, torch.nn.Parameter) else t.clone()
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: float = 5e-4, warmup: int = 100,
+          ema_decay: float = 0.995, caption_dropout: float = 0.1, checkpoint_every: int = 50,
+          threads: int | None = None, log=print) -> Path:
+    embedded_host.import_host_modules("cpu")
+    import comfy.ldm.modules.attention as host_attention
+    # The PyPI host picks sub-quadratic attention on the CPU (chunked by free memory: ~2× slower here); the same
+    # arithmetic through torch's SDPA. Only this process is affected; sampling later uses the host's own choice.
+    host_attention.optimized_attention = host_attention.attention_pytorch
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state_path = run_dir / "state.pt"
+    clip = clip_weights()
+    encode = CaptionEncoder(clip)
+    unet = new_unet(seed)
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    held_out = held_out_identities()
+    history: list[dict] = []
+    start, elapsed_before = 0, 0.0
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        if state["seed"] != seed or state["batch"] != batch:
+            raise SystemExit(f"{state_path} belongs to a run with seed {state['seed']} and batch {state['batch']}; "
+                             f"use another --run-dir or the same settings")
+        unet.load_state_dict(state["unet"])
+        ema = state["ema"]
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = json.loads(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        history = json.loads(state["history"])
+        start, elapsed_before = int(state["step"]), float(state["elapsed"])
+        log(f"resuming from step {start} ({state_path})")
+    alphas = sd_alphas_cumprod()
+    t0 = time.perf_counter()
+
+    def save_state(step: int) -> None:
+        _atomic_save({"seed": seed, "batch": batch, "step": step, "unet": unet.state_dict(), "ema": ema,
+                      "opt": opt.state_dict(), "rng": json.dumps(rng.bit_generator.state),
+                      "torch_rng": torch.get_rng_state(), "history": json.dumps(history),
+                      "elapsed": elapsed_before + time.perf_counter() - t0}, state_path)
+
+    unet.train()
+    running = []
+    for step in range(start, steps):
+        pairs = [training_pair(rng, held_out) for _ in range(batch)]
+        cells = np.stack([render_cells(f) for f, _ in pairs])
+        captions = ["" if rng.random() < caption_dropout else c for _, c in pairs]
+        x0 = cells_to_unet_latent(cells)
+        context = encode(captions)
+        t = torch.randint(0, TIMESTEPS, (batch,))
+        noise = torch.randn_like(x0)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        with torch.autograd.graph.saved_tensors_hooks(_clone_saved, lambda t_: t_):
+            pred = unet(xt, timesteps=t.float(), context=context)
+            loss = torch.nn.functional.mse_loss(pred, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in unet.state_dict().items():
+                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        running.append(float(loss.detach()))
+        done = step + 1
+        if done % 10 == 0 or done == steps:
+            elapsed = elapsed_before + time.perf_counter() - t0
+            history.append({"step": done, "loss": float(np.mean(running)), "seconds": round(elapsed, 1)})
+            running = []
+            log(f"step {done}/{steps} loss {history[-1]['loss']:.4f} lr {lr_at(step, steps, lr, warmup):.2e} "
+                f"{elapsed / 60:.1f} min")
+        if done % checkpoint_every == 0 or done == steps:
+            save_state(done)
+            write_weights(ema, out_dir, history, seed=seed, steps=done, batch=batch)
+    return out_dir / UNET_FILE
+
+
+def write_weights(ema: dict[str, torch.Tensor], out_dir: Path, history: list[dict], **meta) -> None:
+    """The EMA weights as fp16 safetensors (what is committed) and the loss log beside them, both atomically."""
+    import safetensors.torch
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / UNET_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    safetensors.torch.save_file({k: v.to(torch.float16).contiguous() for k, v in ema.items()}, str(tmp),
+                                metadata={k: str(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+    log_path = out_dir / LOG_FILE
+    tmp = log_path.with_name(f".{log_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({**meta, "history": history}, indent=1))
+    os.replace(tmp, log_path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--run-dir", type=Path, default=Path(".cache/world-train"),
+                        help="where the resumable training state lives")
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="where unet.safetensors is written")
+    parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine, 2 threads were 3× slower per step)")
+
+
+def run(args: argparse.Namespace) -> int:
+    path = train(args.seed, args.steps, args.batch, args.run_dir, args.out, lr=args.lr,
+                 checkpoint_every=args.checkpoint_every, threads=args.threads)
+    print(f"wrote {path}")
+    return 0
