@@ -327,7 +327,7 @@ def test_name_overwrite_and_divergence(host, sd15, pack, photo):
 
 def test_saved_identity_samples_through_server(host, sd15, pack, photo, trained_off, server):
     """The trained file, loaded by SeFiLoadIdentity on a real server, drives SeFiApplyIdentity → KSampler → SaveImage."""
-    from tools.comfy_client import output_files
+    from batch.comfy_client import output_files
     train = pack.glue("train")
     dest = server.models_dir / "sefi_identities"
     dest.mkdir(parents=True, exist_ok=True)
