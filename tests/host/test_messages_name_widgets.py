@@ -112,7 +112,7 @@ def test_face_messages_name_the_face_node_widgets(host, pack, face_photo):
 
 
 def test_score_messages_never_cite_cli_flags_nor_torch_advice(host, pack, tmp_path):
-    ev = pack.core("eval")
+    prompt_fidelity = pack.core("eval.prompt_fidelity")
     refs = torch.full((1, 64, 64, 3), 0.5)
     with pytest.raises(ValueError) as info:
         host.run("SeFiIdentityScore", images=refs, reference_images=refs, backend="dlib", reference_mode="mean",
@@ -126,7 +126,7 @@ def test_score_messages_never_cite_cli_flags_nor_torch_advice(host, pack, tmp_pa
     with pytest.raises(Exception) as info:
         torch.load(pickled, weights_only=True)
     assert "weights_only" in str(info.value)
-    reason = ev._load_failure(info.value)
+    reason = prompt_fidelity._load_failure(info.value)
     assert "weights_only" not in reason and "False" not in reason and "trust" in reason
 
 
