@@ -24,8 +24,8 @@ from ..sefi_core.atomic import longest_temp_name, stale_temp_files
 from ..sefi_core.generator import build_generator, rebuild_generator
 from ..sefi_core.identity import Identity, hash_array, save_identity
 from ..sefi_core.plot import render_loss_curve, term_shares
-from ..sefi_core.training import (LOSS_SITES, TrainSettings, TrainStateFileError, load_train_state,
-                                  run_training, save_train_state)
+from ..sefi_core.train_state import TrainStateFileError, load_train_state, save_train_state
+from ..sefi_core.training import LOSS_SITES, TrainSettings, run_training
 
 log = logging.getLogger("sefi")
 
