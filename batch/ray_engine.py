@@ -39,7 +39,7 @@ from tools import embedded_host
 OBJECT_STORE_BYTES = 128 * 2**20  # only small dicts travel through it; Ray's minimum is 75 MiB
 POLL_SECONDS = 0.1
 WORKER_START_TIMEOUT = 15 * 60  # a replacement that cannot be placed (no free GPU left) gives up after this
-CHECKPOINT_SUFFIX = ".sefi-train"  # nodes/train.py's; read here without importing the pack
+CHECKPOINT_SUFFIX = ".sefi-train"  # nodes/train_policies.py's; read here without importing the pack
 
 WATCH_HOOKS: list[Callable[["RayJob"], None]] = []
 """Callables run by the driver on every poll with the running job (its `running()` people → worker handles);

@@ -16,7 +16,8 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-GLUE = {"train.py": ["SeFiTrainIdentity"], "faces.py": ["SeFiFaceMask"], "evaluation.py": ["SeFiIdentityScore"]}
+GLUE = {"train.py": ["SeFiTrainIdentity"], "train_policies.py": ["SeFiTrainIdentity"], "faces.py": ["SeFiFaceMask"],
+        "evaluation.py": ["SeFiIdentityScore"]}
 NOT_WIDGETS = {
     # folders, files, tensor keys and output names the messages may cite as such
     "sefi_identities", "clip_l", "clip_g", "my_face", "model_sampling", "face_crops", "crop_masks", "face_count",

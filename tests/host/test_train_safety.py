@@ -94,9 +94,9 @@ def test_bad_names_are_refused_before_any_work(host, pack, photo, bad, why):
 def test_the_longest_valid_name_writes_all_its_files(host, sd15, pack, photo):
     """225 bytes is the limit: the identity's temp file is then exactly 255 bytes, and training and saving work
     (keep_checkpoint=true keeps the checkpoint; the default deletes it, see the crash test)."""
-    train = pack.glue("train")
+    train, policies = pack.glue("train"), pack.glue("train_policies")
     name = "n" * 225
-    assert max(len(f) for f in train.produced_file_names(name)) == 255
+    assert max(len(f) for f in policies.produced_file_names(name)) == 255
     _train(host, sd15, photo, name=name, overwrite=True, keep_checkpoint=True)
     assert (train.identity_dir() / f"{name}.safetensors").is_file()
     assert (train.checkpoint_dir() / f"{name}.sefi-train").is_file()
