@@ -145,7 +145,6 @@ def check_engine(args: argparse.Namespace) -> None:
         raise UsageError("--ray-address, --workers, --worker-gpus and --worker-cpus need --engine ray")
 
 
-
 def run(args: argparse.Namespace) -> int:
     out_dir = args.out.expanduser().resolve()
     check_engine(args)
@@ -187,4 +186,3 @@ def run(args: argparse.Namespace) -> int:
     if code == EXIT_OK and any(r.status == "failed" for r in results):
         code = EXIT_FAILED
     return code
-

@@ -29,7 +29,6 @@ class ServerGone(Exception):
     """The server stopped answering; the job goes back to the queue for another server."""
 
 
-
 def build_graph(person: str, images: list[str], checkpoint: str, train_info: dict[str, Any],
                 mask_info: dict[str, Any], train_inputs: dict[str, Any], face_backend: str,
                 resolution: int) -> tuple[dict[str, Any], dict[str, int]]:
@@ -95,7 +94,6 @@ class Server:
     log_file: Any = None
     train_info: dict[str, Any] = field(default_factory=dict)
     mask_info: dict[str, Any] = field(default_factory=dict)
-
 
 
 def start_local_servers(count: int, out_dir: Path, models_dir: Path, checkpoint: Path) -> list[Server]:
@@ -231,7 +229,6 @@ def run_queue(servers: list[Server], jobs: list[Person], args: argparse.Namespac
         person = todo.get_nowait()
         results.append(Result(person.name, "failed", 0.0, "no server left to train it (all stopped answering)"))
     return results
-
 
 
 def run_http(jobs: list[Person], args: argparse.Namespace, train_inputs: dict[str, Any], out_dir: Path,

@@ -30,4 +30,3 @@ def combo_choices(info: dict[str, Any], name: str) -> list[str]:
     if isinstance(spec[0], list):
         return list(spec[0])
     return list((spec[1] if len(spec) > 1 else {}).get("options", []))
-

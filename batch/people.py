@@ -15,7 +15,6 @@ class UsageError(Exception):
     """Bad arguments or folders; the message says what to give instead."""
 
 
-
 @dataclass
 class Person:
     name: str
@@ -78,7 +77,6 @@ def check_photos(person: Person) -> str:
     return ""
 
 
-
 def settle_people(people_dir: Path, out_dir: Path) -> tuple[list[Result], list[Person]]:
     """(settled, to train): valid identities are skipped and people with unusable photos fail, before any
     engine starts."""
@@ -102,7 +100,6 @@ def settle_people(people_dir: Path, out_dir: Path) -> tuple[list[Result], list[P
     return results, jobs
 
 
-
 def summary_table(results: list[Result]) -> str:
     rows = [("person", "status", "seconds", "server", "message")]
     rows += [(r.person, r.status, f"{r.seconds:.1f}", r.server or "-", r.message) for r in results]
@@ -112,4 +109,3 @@ def summary_table(results: list[Result]) -> str:
     counts = {s: sum(1 for r in results if r.status == s) for s in ("trained", "skipped", "failed")}
     lines.append(f"{counts['trained']} trained, {counts['skipped']} skipped, {counts['failed']} failed")
     return "\n".join(line.rstrip() for line in lines)
-

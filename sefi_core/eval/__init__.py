@@ -46,4 +46,3 @@ __all__ = [
     "similarity_from_distance",
     "split_prompts",
 ]
-

@@ -88,7 +88,6 @@ class ReferenceSet:
         return to_mean, to_any
 
 
-
 def _model_name(backend: FaceBackend, kind: str) -> str:
     """The recognition model behind ``kind`` as this backend runs it (insightface: the pack and its file)."""
     if kind == ARCFACE_KIND:

@@ -33,7 +33,6 @@ class ImageScore:
     note: str = ""
 
 
-
 @dataclass
 class EvalReport:
     backend: str
