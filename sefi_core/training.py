@@ -14,44 +14,36 @@ state stored in a checkpoint, stopping at step ``k`` and resuming gives bit-iden
 tokens to an uninterrupted run on CPU (GPU kernels may add their own non-determinism).
 The caller's global RNG state is restored when the loop returns.
 
-Checkpoints are one ``.safetensors`` file (:func:`save_train_state`), written atomically.
+Checkpoints are one ``.safetensors`` file, written atomically (sefi_core/train_state.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
-import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from .atomic import atomic_write
 from .grad_share import backward_with_shares
 from .loss_scale import DynamicLossScale
 from .losses import ATTENTION_REDUCTIONS
 from .step_sync import PendingSteps, choose_sync
+from .train_state import TrainState
 
 __all__ = [
     "DEFAULT_TEMPLATES",
     "FACE_TEMPLATES",
     "StepFn",
     "TrainSettings",
-    "TrainState",
     "TrainResult",
     "TrainingDivergedError",
-    "TrainStateFileError",
     "step_seed",
     "run_training",
-    "save_train_state",
-    "load_train_state",
 ]
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of the face of {}",)
@@ -241,28 +233,8 @@ def _is_int(x: object) -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# State, result, errors
+# Result, errors
 # --------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainState:
-    """A resumable snapshot: everything needed to continue exactly where training stopped.
-
-    ``step`` counts completed optimiser steps. ``generator`` / ``optimizer`` are the
-    ``state_dict`` s (CPU copies). ``generator_config`` is the generator's ``config()`` so the
-    glue can rebuild it (:func:`sefi_core.generator.rebuild_generator`) before loading.
-    """
-
-    generator: dict[str, Tensor]
-    optimizer: dict[str, Any]
-    step: int
-    loss_history: list[float]
-    settings: dict[str, Any]
-    generator_config: dict[str, Any] | None = None
-    parts_history: list[dict[str, float]] = field(default_factory=list)
-    loss_scale: dict[str, Any] | None = None
-    """The fp16 loss scaler's state (:class:`DynamicLossScale`); None for bf16/fp32 runs."""
 
 
 @dataclass
@@ -307,10 +279,6 @@ class TrainingDivergedError(RuntimeError):
             f"training diverged at step {step}/{total}: {what} (loss={loss}; parts: {parts_txt}); {kept}. "
             f"Try {', or '.join(tries)}."
         )
-
-
-class TrainStateFileError(ValueError):
-    """A checkpoint file is not a SeFi training state or is damaged."""
 
 
 def step_seed(seed: int, step: int, stream: str) -> int:
@@ -589,113 +557,3 @@ def run_training(
         raise
     finally:
         generator.train(was_training)
-
-
-# --------------------------------------------------------------------------------------
-# Checkpoint file
-# --------------------------------------------------------------------------------------
-
-_FORMAT = "sefi-train-state"
-_FORMAT_VERSION = "1"
-_GEN = "generator/"
-_OPT = "optimizer/state/"
-
-
-def _state_to_file_parts(state: TrainState) -> tuple[dict[str, Tensor], dict[str, str]]:
-    tensors: dict[str, Tensor] = {}
-    for key, value in state.generator.items():
-        tensors[_GEN + key] = value.detach().to("cpu").contiguous().clone()
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, entry in state.optimizer.get("state", {}).items():
-        for name, value in entry.items():
-            if isinstance(value, Tensor):
-                tensors[f"{_OPT}{int(pid)}/{name}"] = value.detach().to("cpu").contiguous().clone()
-            else:
-                scalars.setdefault(str(int(pid)), {})[name] = value
-    groups = []
-    for group in state.optimizer.get("param_groups", []):
-        g = {}
-        for k, v in group.items():
-            if isinstance(v, Tensor):
-                v = v.item() if v.numel() == 1 else v.tolist()
-            g[k] = list(v) if isinstance(v, tuple) else v
-        groups.append(g)
-    metadata = {
-        "sefi.format": _FORMAT,
-        "sefi.format_version": _FORMAT_VERSION,
-        "sefi.step": str(int(state.step)),
-        "sefi.loss_history": json.dumps([float(x) for x in state.loss_history]),
-        "sefi.parts_history": json.dumps(state.parts_history),
-        "sefi.settings": json.dumps(state.settings),
-        "sefi.generator_config": json.dumps(state.generator_config),
-        "sefi.optimizer.param_groups": json.dumps(groups),
-        "sefi.optimizer.scalars": json.dumps(scalars),
-        "sefi.loss_scale": json.dumps(state.loss_scale),
-    }
-    return tensors, metadata
-
-
-def _write_payload(f: BinaryIO, data: bytes) -> None:
-    """Write in chunks (a separate function so tests can simulate a failure mid-write)."""
-    view = memoryview(data)
-    chunk = 16 * 2**20
-    for start in range(0, len(view), chunk):
-        f.write(view[start : start + chunk])
-
-
-def save_train_state(state: TrainState, path: str | os.PathLike[str]) -> Path:
-    """Write ``state`` to one ``.safetensors`` file, atomically (old file intact on any failure).
-
-    Layout: tensors ``generator/<state_dict key>`` and ``optimizer/state/<param index>/<name>``
-    (Adam's ``exp_avg``, ``exp_avg_sq``, ``step``); everything else (step, histories,
-    settings, generator config, param groups, non-tensor optimiser values) as JSON strings in
-    the safetensors metadata under ``sefi.*``.
-    """
-    tensors, metadata = _state_to_file_parts(state)
-    data = safetensors.torch.save(tensors, metadata=metadata)
-    return atomic_write(path, lambda f: _write_payload(f, data))
-
-
-def load_train_state(path: str | os.PathLike[str]) -> TrainState:
-    """Read a file written by :func:`save_train_state`; raises :class:`TrainStateFileError` if it is not one."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no training checkpoint at {p}")
-    try:
-        with safetensors.safe_open(str(p), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise TrainStateFileError(f"{p.name} is not a readable SeFi training checkpoint ({e})") from e
-    if metadata.get("sefi.format") != _FORMAT:
-        raise TrainStateFileError(f"{p.name} is not a SeFi training checkpoint (missing sefi.format={_FORMAT!r})")
-    if metadata.get("sefi.format_version") != _FORMAT_VERSION:
-        raise TrainStateFileError(
-            f"{p} has checkpoint format version {metadata.get('sefi.format_version')!r}; "
-            f"this version reads {_FORMAT_VERSION!r}"
-        )
-    try:
-        generator = {k[len(_GEN):]: v for k, v in tensors.items() if k.startswith(_GEN)}
-        opt_state: dict[int, dict[str, Any]] = {}
-        for key, value in tensors.items():
-            if key.startswith(_OPT):
-                pid, name = key[len(_OPT):].split("/", 1)
-                opt_state.setdefault(int(pid), {})[name] = value
-        for pid, entry in json.loads(metadata["sefi.optimizer.scalars"]).items():
-            opt_state.setdefault(int(pid), {}).update(entry)
-        groups = json.loads(metadata["sefi.optimizer.param_groups"])
-        for g in groups:
-            if isinstance(g.get("betas"), list):
-                g["betas"] = tuple(g["betas"])
-        return TrainState(
-            generator=generator,
-            optimizer={"state": dict(sorted(opt_state.items())), "param_groups": groups},
-            step=int(metadata["sefi.step"]),
-            loss_history=[float(x) for x in json.loads(metadata["sefi.loss_history"])],
-            settings=json.loads(metadata["sefi.settings"]),
-            generator_config=json.loads(metadata["sefi.generator_config"]),
-            parts_history=json.loads(metadata.get("sefi.parts_history", "[]")),
-            loss_scale=json.loads(metadata.get("sefi.loss_scale", "null")),
-        )
-    except (KeyError, ValueError) as e:
-        raise TrainStateFileError(f"{p.name} is a damaged SeFi training checkpoint ({e!r})") from e

@@ -18,7 +18,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
-from tools import comfy_client, embedded_host, tiny_checkpoints  # noqa: E402
+from batch import comfy_client  # noqa: E402
+from tools import embedded_host, tiny_checkpoints  # noqa: E402
 
 # Real face photos, vendored with their licence (tests/data/faces/README.md): a bare clone runs every test.
 FACES_DIR = REPO_ROOT / "tests" / "data" / "faces"
@@ -55,7 +56,7 @@ def face_photo(faces_dir):
 @pytest.fixture(scope="session")
 def people_folder(faces_dir):
     """`people_folder(root, {"obama": ["obama_1.jpg", ...], ...})`: one sub-folder of real photos per person, as
-    tools.batch_train reads them, plus "nobody" holding only a noise image (a person who must fail alone)."""
+    the batch trainer (python -m batch) reads them, plus "nobody" holding only a noise image (a person who must fail alone)."""
     def build(root: Path, photos: dict[str, list[str]]) -> Path:
         import numpy as np
         from PIL import Image

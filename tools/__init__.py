@@ -1,1 +1,2 @@
-"""Developer tooling for the embedded host: tiny checkpoints, server launcher, demo. Not loaded by ComfyUI."""
+"""What contributors run (tiny checkpoints, demo, dev server, workflow builder, packaging checks), and the host
+boot (embedded_host.py) that the batch trainer uses too. Not loaded by ComfyUI; see docs/architecture.md."""

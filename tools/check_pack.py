@@ -12,11 +12,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-#: Files a ComfyUI user needs: the loader, the licence, the docs and the install metadata.
+#: The host boot the batch trainer starts hosts with: the only part of tools/ that ships (docs/architecture.md).
+HOST_BOOT = ("tools/__init__.py", "tools/embedded_host.py", "tools/serve.py", "tools/torchvision_shim.py")
+#: Files a ComfyUI user needs: the loader, the licence, the docs, the install metadata and the user commands.
 REQUIRED_FILES = ("__init__.py", "LICENSE", "README.md", "pyproject.toml", "requirements.txt", "nodes/__init__.py",
-                  "sefi_core/__init__.py")
+                  "sefi_core/__init__.py", "sefi_core/eval/__main__.py", "batch/__main__.py", *HOST_BOOT)
 #: Folders that must ship with at least one file of the given suffix.
-REQUIRED_FOLDERS = (("nodes/", ".py"), ("sefi_core/", ".py"), ("workflows/", ".json"))
+REQUIRED_FOLDERS = (("nodes/", ".py"), ("sefi_core/", ".py"), ("batch/", ".py"), ("workflows/", ".json"))
+#: Files of tools/ that ship besides the host boot: the batch trainer's old name, for release 0.1 only.
+SHIPPED_TOOLS = (*HOST_BOOT, "tools/batch_train.py")
+#: Developer files at the top: the Makefile and the pins of the development environments.
+DEVELOPER_FILES = ("Makefile", "constraints.txt", "requirements-dev.txt", "requirements-insightface.txt")
 #: Path prefixes that never ship: environments, caches, models, run outputs, tests and benchmarks.
 FORBIDDEN_PREFIXES = (".venv", ".cache/", ".git/", "models/", "output/", "input/", "temp/", "user/",
                       "demo-output/", "custom_nodes/", "device-out/", "tests/", "bench/", ".ci/")
@@ -48,6 +54,8 @@ def problems(entries: Iterable[Entry]) -> list[str]:
             found.append(f"{name} must not ship (environment, cache, model, output, test or benchmark file)")
         elif name.lower().endswith(FORBIDDEN_SUFFIXES):
             found.append(f"{name} must not ship (model weights or archive)")
+        elif name in DEVELOPER_FILES or (name.startswith("tools/") and name not in SHIPPED_TOOLS):
+            found.append(f"{name} must not ship (developer tooling; list it in .comfyignore)")
         if entry.size > MAX_FILE_BYTES:
             found.append(f"{name} is {entry.size} bytes, over the {MAX_FILE_BYTES}-byte limit for one file")
     total = sum(e.size for e in entries)

@@ -1,7 +1,7 @@
-"""Boot a real ComfyUI for tests, the demo and `make serve`: the PyPI distribution by default, or the
-upstream checkout named by COMFYUI_PATH.
+"""Boot a real ComfyUI for tests, the demo, `make serve` and the batch trainer's own hosts: the PyPI
+distribution by default, or the upstream checkout named by COMFYUI_PATH.
 
-This is developer tooling, not pack code: the pack itself learns which host it runs in from nodes/host.py.
+This is not pack code: the pack itself learns which host it runs in from nodes/host.py.
 Everything that differs between the two hosts' *boot sequences* (module names, base-directory flag, how
 custom nodes are loaded) is kept here, in one place.
 """

@@ -534,7 +534,8 @@ def render(specs: dict[str, dict[str, Any]]) -> dict[Path, str]:
 
 def live_object_info() -> dict[str, Any]:
     """Boot the host's server (tools.embedded_host; COMFYUI_PATH selects upstream) and read /object_info."""
-    from tools import comfy_client, embedded_host
+    from batch import comfy_client
+    from tools import embedded_host
     with tempfile.TemporaryDirectory(prefix="sefi-workflows-") as tmp:
         base = Path(tmp)
         port = comfy_client.free_port()

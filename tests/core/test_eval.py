@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from sefi_core import eval as ev
+from sefi_core.eval import cli as eval_cli
 from sefi_core.faces import Face
 from sefi_core.faces.backends import dlib_backend
 from sefi_core.faces.identity import ARCFACE_KIND, DLIB_KIND
@@ -159,7 +160,7 @@ def folders(tmp_path_factory, photos):
 
 def test_cli_writes_table_csv_json_and_png(folders, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = ev.main(["--references", str(folders / "refs"), "--images", str(folders / "gen"), "--backend", "dlib",
+    rc = eval_cli.main(["--references", str(folders / "refs"), "--images", str(folders / "gen"), "--backend", "dlib",
                   "--csv", str(out / "s.csv"), "--json", str(out / "s.json"), "--table", str(out / "t.png"),
                   "--prompts", str(folders / "prompts.txt")])
     text = capsys.readouterr().out
@@ -186,8 +187,8 @@ def test_cli_writes_table_csv_json_and_png(folders, tmp_path, capsys):
 def test_cli_min_similarity_exit_code(folders, capsys):
     args = ["--references", str(folders / "refs"), "--images", str(folders / "gen" / "a_obama.jpg"), "--backend",
             "dlib"]
-    assert ev.main([*args, "--min-similarity", "0.5"]) == 0
-    assert ev.main([*args, "--min-similarity", "0.99"]) == 1
+    assert eval_cli.main([*args, "--min-similarity", "0.5"]) == 0
+    assert eval_cli.main([*args, "--min-similarity", "0.99"]) == 1
     assert "below --min-similarity" in capsys.readouterr().err
 
 
@@ -217,13 +218,13 @@ def test_cli_bad_input_exits_2_with_advice(case, message, folders, tmp_path, cap
         extra = ["--prompts", str(tmp_path / "p.txt")]
     elif case == "clip_weights":
         extra = ["--prompts", str(folders / "prompts.txt"), "--clip-weights", str(tmp_path / "none.bin")]
-    rc = ev.main(["--references", refs, "--images", gen, "--backend", "dlib", *extra])
+    rc = eval_cli.main(["--references", refs, "--images", gen, "--backend", "dlib", *extra])
     err = capsys.readouterr().err
     assert rc == 2 and message in err, err
 
 
 def test_cli_unavailable_backend_exits_3(folders, capsys):
-    rc = ev.main(["--references", str(folders / "refs"), "--images", str(folders / "gen"), "--backend",
+    rc = eval_cli.main(["--references", str(folders / "refs"), "--images", str(folders / "gen"), "--backend",
                   "insightface", "--insightface-root", str(folders)])
     err = capsys.readouterr().err
     assert rc == 3 and ("insightface" in err), err
@@ -257,7 +258,7 @@ def tiny_clip(tmp_path_factory):
 
 def test_cli_prompt_fidelity_with_local_open_clip(folders, tiny_clip, tmp_path, capsys):
     config, weights = tiny_clip
-    rc = ev.main(["--references", str(folders / "refs"), "--images", str(folders / "gen"), "--backend", "dlib",
+    rc = eval_cli.main(["--references", str(folders / "refs"), "--images", str(folders / "gen"), "--backend", "dlib",
                   "--prompts", str(folders / "prompts.txt"), "--clip-weights", str(weights), "--clip-config",
                   str(config), "--json", str(tmp_path / "s.json")])
     out = capsys.readouterr().out

@@ -10,7 +10,8 @@ import torch
 
 from sefi_core.generator import rebuild_generator
 from sefi_core.step_sync import DEFERRED_SYNC_STEPS, choose_sync
-from sefi_core.training import TrainingDivergedError, load_train_state, run_training, save_train_state
+from sefi_core.train_state import load_train_state, save_train_state
+from sefi_core.training import TrainingDivergedError, run_training
 
 from .test_training import Cancel, Toy, _generator, _same_tensors, _settings, cancelling_host_calls
 

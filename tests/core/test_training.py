@@ -9,19 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from sefi_core import training
+from sefi_core import train_state
 from sefi_core.attention import attention_with_probs, reference_probs
 from sefi_core.generator import build_generator, rebuild_generator
 from sefi_core.losses import attention_map_distance, reference_attention_loss
 from sefi_core.plot import ema, render_loss_curve
-from sefi_core.training import (
-    TrainingDivergedError,
-    TrainSettings,
-    TrainStateFileError,
-    load_train_state,
-    run_training,
-    save_train_state,
-)
+from sefi_core.train_state import TrainStateFileError, load_train_state, save_train_state
+from sefi_core.training import TrainingDivergedError, TrainSettings, run_training
 
 C, HEADS, STAGES = 32, 4, 2
 IDENTITY_COL = 3
@@ -333,7 +327,7 @@ def test_failed_write_leaves_the_old_checkpoint(tmp_path: Path, monkeypatch: pyt
         f.write(data[: len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(training, "_write_payload", half_then_crash)
+    monkeypatch.setattr(train_state, "_write_payload", half_then_crash)
     with pytest.raises(OSError, match="disk full"):
         save_train_state(second, ckpt)
     assert ckpt.read_bytes() == old_bytes

@@ -1,4 +1,4 @@
-"""tools.batch_train --engine ray: a local Ray (2 CPUs, 2 CPU workers) trains three people from the face photos
+"""python -m batch --engine ray: a local Ray (2 CPUs, 2 CPU workers) trains three people from the face photos
 (6 steps at 64 px on the tiny SD1.5 checkpoint, a checkpoint every 2 steps). One worker is killed after its
 person's first checkpoint: that person is retried on another worker and resumes from the checkpoint, and every
 identity checked equals the one the in-process trainer makes from the same photos and seed. A folder without a face
@@ -11,11 +11,11 @@ import shutil
 import pytest
 import torch
 
-from tools import batch_train
+from batch import cli
 
 ray = pytest.importorskip("ray", reason="needs the ray extra (pip install 'sefi-ide[ray]')")
 pytest.importorskip("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")
-from tools import batch_ray  # noqa: E402  (needs ray)
+from batch import ray_engine  # noqa: E402  (needs ray)
 
 STEPS, EVERY = 6, 2
 TRAIN = {"steps": STEPS, "resolution": 64, "parametrisation": "direct tokens", "stages": 1, "checkpoint_every": EVERY}
@@ -55,24 +55,24 @@ def test_ray_workers_survive_a_kill_and_match_the_in_process_trainer(people, tmp
     out = tmp_path / "identities"
     killed: list[tuple[str, int]] = []
 
-    def kill_after_first_checkpoint(job: batch_ray.RayJob) -> None:
+    def kill_after_first_checkpoint(job: ray_engine.RayJob) -> None:
         if killed:
             return
         for name, worker in job.running().items():
-            step = batch_ray.checkpoint_step(out, name)
+            step = ray_engine.checkpoint_step(out, name)
             if step is not None and step >= EVERY:
                 killed.append((name, step))
                 ray.kill(worker, no_restart=True)
                 return
 
-    batch_ray.WATCH_HOOKS.append(kill_after_first_checkpoint)
+    ray_engine.WATCH_HOOKS.append(kill_after_first_checkpoint)
     try:
-        rc = batch_train.main([str(people), "--out", str(out), "--checkpoint", str(tiny_sd15), *ARGS])
+        rc = cli.main([str(people), "--out", str(out), "--checkpoint", str(tiny_sd15), *ARGS])
     finally:
-        batch_ray.WATCH_HOOKS.remove(kill_after_first_checkpoint)
+        ray_engine.WATCH_HOOKS.remove(kill_after_first_checkpoint)
     text = capsys.readouterr().out
     rows = _rows(text)
-    assert rc == batch_train.EXIT_FAILED, text
+    assert rc == cli.EXIT_FAILED, text
     assert all(rows[p][1] == "trained" for p in PHOTOS), text
     assert rows["nobody"][1] == "failed" and "no face found in photo noise.png" in rows["nobody"][4], text
     assert "3 trained, 0 skipped, 1 failed" in text and "[####################] 4/4" in text
@@ -108,18 +108,18 @@ def test_ray_workers_survive_a_kill_and_match_the_in_process_trainer(people, tmp
 
     # re-run: everyone finished is skipped before Ray is even started
     shutil.rmtree(people / "nobody")
-    rc = batch_train.main([str(people), "--out", str(out), "--checkpoint", str(tiny_sd15), *ARGS])
+    rc = cli.main([str(people), "--out", str(out), "--checkpoint", str(tiny_sd15), *ARGS])
     text = capsys.readouterr().out
-    assert rc == batch_train.EXIT_OK, text
+    assert rc == cli.EXIT_OK, text
     assert "0 trained, 3 skipped, 0 failed" in text and "Ray" not in text
 
 
 def test_engine_options_are_checked(tmp_path, capsys):
     (tmp_path / "p" / "a").mkdir(parents=True)
     argv = [str(tmp_path / "p"), "--out", str(tmp_path / "o"), "--checkpoint", "m"]
-    assert batch_train.main([*argv, "--engine", "ray", "--server", "http://x"]) == batch_train.EXIT_USAGE
+    assert cli.main([*argv, "--engine", "ray", "--server", "http://x"]) == cli.EXIT_USAGE
     assert "--server is for --engine http" in capsys.readouterr().err
-    assert batch_train.main([*argv, "--workers", "2"]) == batch_train.EXIT_USAGE
+    assert cli.main([*argv, "--workers", "2"]) == cli.EXIT_USAGE
     assert "need --engine ray" in capsys.readouterr().err
-    assert batch_train.main([*argv, "--engine", "ray", "--max-failures", "0"]) == batch_train.EXIT_USAGE
+    assert cli.main([*argv, "--engine", "ray", "--max-failures", "0"]) == cli.EXIT_USAGE
     assert "--max-failures >= 1" in capsys.readouterr().err

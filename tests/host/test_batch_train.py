@@ -1,4 +1,4 @@
-"""tools.batch_train against real ComfyUI servers: three people built from tests/data/faces (one has only a
+"""The batch trainer (python -m batch) against real ComfyUI servers: three people built from tests/data/faces (one has only a
 noise image), two servers on free ports fed from one queue, 2 steps at 64 px on the tiny SD1.5 checkpoint.
 The first run trains 2 and reports 1; the second run (on a host the CLI starts itself) skips the 2."""
 from __future__ import annotations
@@ -9,7 +9,9 @@ import subprocess
 
 import pytest
 
-from tools import batch_train, comfy_client, embedded_host
+from batch import cli, comfy_client, http_engine, people as batch_people
+from batch.host_base import UPLOAD_FOLDER
+from tools import embedded_host
 
 pytest.importorskip("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")
 
@@ -61,11 +63,11 @@ def _rows(text: str) -> dict[str, tuple[str, ...]]:
 
 def test_two_servers_train_two_report_one_then_skip(people, two_servers, tiny_sd15, capsys):
     out, urls, bases = two_servers
-    rc = batch_train.main([str(people), "--out", str(out), "--server", *urls, "--checkpoint", tiny_sd15.name, *FAST])
+    rc = cli.main([str(people), "--out", str(out), "--server", *urls, "--checkpoint", tiny_sd15.name, *FAST])
     text = capsys.readouterr().out
     print(text)
     rows = _rows(text)
-    assert rc == batch_train.EXIT_FAILED, text
+    assert rc == cli.EXIT_FAILED, text
     assert rows["obama"][1] == rows["biden"][1] == "trained", text
     assert rows["nobody"][1] == "failed" and "no face found in photo noise.png" in rows["nobody"][4], text
     assert "2 trained, 0 skipped, 1 failed" in text
@@ -76,15 +78,15 @@ def test_two_servers_train_two_report_one_then_skip(people, two_servers, tiny_sd
         assert identity.training["steps_done"] == 2 and identity.trigger == "sks"
     assert not (out / "nobody.safetensors").exists()
     # the photos went through the upload API into each server's own input folder, not through a shared disk
-    uploaded = {p.parent.name for b in bases for p in (b / "input" / batch_train.UPLOAD_FOLDER).rglob("*.*")}
+    uploaded = {p.parent.name for b in bases for p in (b / "input" / UPLOAD_FOLDER).rglob("*.*")}
     assert uploaded == {"obama", "biden", "nobody"}
 
     # second run, default mode: the CLI starts the embedded host itself (models/sefi_identities -> --out)
-    rc = batch_train.main([str(people), "--out", str(out), "--checkpoint", str(tiny_sd15), *FAST])
+    rc = cli.main([str(people), "--out", str(out), "--checkpoint", str(tiny_sd15), *FAST])
     text = capsys.readouterr().out
     print(text)
     rows = _rows(text)
-    assert rc == batch_train.EXIT_FAILED, text
+    assert rc == cli.EXIT_FAILED, text
     assert rows["obama"][1] == rows["biden"][1] == "skipped" and rows["nobody"][1] == "failed", text
     assert "starting local ComfyUI 1/1" in text and "0 trained, 2 skipped, 1 failed" in text
 
@@ -98,15 +100,15 @@ def test_settled_without_a_server(tmp_path, people, capsys):
     (people / "broken" / "x.jpg").write_bytes(b"not a jpeg")
     (people / "empty").mkdir()
     (out / "biden.safetensors").write_bytes(b"junk")  # invalid: must be trained again, not skipped
-    valid, note = batch_train.existing_identity(out, "biden")
+    valid, note = batch_people.existing_identity(out, "biden")
     assert not valid and "not valid" in note
-    problems = {p.name: batch_train.check_photos(p) for p in batch_train.find_people(people)}
+    problems = {p.name: batch_people.check_photos(p) for p in batch_people.find_people(people)}
     assert "x.jpg is not a readable image" in problems["broken"] and "no photos" in problems["empty"]
     assert problems["obama"] == problems["biden"] == ""
-    rc = batch_train.main([str(people), "--out", str(out), "--server", "http://127.0.0.1:9", "--checkpoint",
+    rc = cli.main([str(people), "--out", str(out), "--server", "http://127.0.0.1:9", "--checkpoint",
                            "x.safetensors", *FAST])
     captured = capsys.readouterr()
-    assert rc == batch_train.EXIT_NO_SERVER and "does not answer" in captured.out + captured.err
+    assert rc == cli.EXIT_NO_SERVER and "does not answer" in captured.out + captured.err
     rows = _rows(captured.out)
     assert rows["broken"][1] == rows["empty"][1] == rows["obama"][1] == "failed"
 
@@ -117,7 +119,7 @@ def test_graph_shape_and_usage_errors(tmp_path, capsys):
                             "optional": {"mask": ["MASK"]}}}
     mask_info = {"input": {"required": {"image": ["IMAGE"], "crop_size": ["INT", {"default": 512}],
                                         "backend": ["COMBO", {"options": ["auto", "dlib"]}]}}}
-    graph, owners = batch_train.build_graph("ann", ["a/0.png", "a/1.png", "a/2.png"], "m.safetensors", train_info,
+    graph, owners = http_engine.build_graph("ann", ["a/0.png", "a/1.png", "a/2.png"], "m.safetensors", train_info,
                                             mask_info, {"steps": 2}, "dlib", 64)
     kinds = [n["class_type"] for n in graph.values()]
     assert kinds.count("LoadImage") == 3 and kinds.count("SeFiFaceMask") == 3 and kinds.count("ImageBatch") == 2
@@ -125,13 +127,13 @@ def test_graph_shape_and_usage_errors(tmp_path, capsys):
     assert train["steps"] == 2 and train["attention_loss"] == "reference" and train["name"] == "ann"
     assert train["overwrite"] is True and "mask" not in train
     assert sorted(set(owners.values())) == [0, 1, 2]
-    graph, _ = batch_train.build_graph("ann", ["a/0.png"], "m", train_info, mask_info,
+    graph, _ = http_engine.build_graph("ann", ["a/0.png"], "m", train_info, mask_info,
                                        {"attention_loss": "mask"}, "dlib", 64)
     train = next(n for n in graph.values() if n["class_type"] == "SeFiTrainIdentity")["inputs"]
     assert graph[train["mask"][0]]["class_type"] == "SeFiFaceMask" and train["images"] == ["3", 1]
-    assert batch_train.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--server", "http://x",
-                             "--checkpoint", "m"]) == batch_train.EXIT_USAGE
+    assert cli.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--server", "http://x",
+                             "--checkpoint", "m"]) == cli.EXIT_USAGE
     assert "is not a folder" in capsys.readouterr().err
     (tmp_path / "p" / "a").mkdir(parents=True)
-    assert batch_train.main([str(tmp_path / "p"), "--out", str(tmp_path / "o"), "--server", "http://x"]) == 2
+    assert cli.main([str(tmp_path / "p"), "--out", str(tmp_path / "o"), "--server", "http://x"]) == 2
     assert "--checkpoint NAME is needed" in capsys.readouterr().err

@@ -103,7 +103,7 @@ def test_server_lists_pack_nodes_and_renders_an_image(server, host, tiny_sd15):
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "foundation"}},
     }
-    from tools.comfy_client import output_files
+    from batch.comfy_client import output_files
     entry = server.client.run(graph)
     files = output_files(entry, server.output_dir)
     assert files and all(f.is_file() and f.stat().st_size > 0 for f in files), server.log()[-3000:]

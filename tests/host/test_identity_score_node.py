@@ -101,7 +101,7 @@ def test_runs_in_a_server_graph(server, faces_dir):
                                              "reference_mode": "mean", "text_format": "json"}},
         "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "score"}},
     }
-    from tools.comfy_client import output_files
+    from batch.comfy_client import output_files
     entry = server.client.run(graph, timeout=300)
     files = output_files(entry, server.output_dir)
     assert files and files[0].is_file(), server.log()[-3000:]

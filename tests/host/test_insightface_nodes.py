@@ -115,7 +115,7 @@ def test_one_graph_through_the_server(server):
             "reference_mode": "mean", "text_format": "json", "insightface_pack": "buffalo_l"}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "insightface_score"}},
     }
-    from tools.comfy_client import output_files
+    from batch.comfy_client import output_files
 
     entry = server.client.run(graph, timeout=300)
     files = {f.name.split("_0")[0]: f for f in output_files(entry, server.output_dir)}

@@ -16,7 +16,8 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-GLUE = {"train.py": ["SeFiTrainIdentity"], "faces.py": ["SeFiFaceMask"], "evaluation.py": ["SeFiIdentityScore"]}
+GLUE = {"train.py": ["SeFiTrainIdentity"], "train_policies.py": ["SeFiTrainIdentity"], "faces.py": ["SeFiFaceMask"],
+        "evaluation.py": ["SeFiIdentityScore"]}
 NOT_WIDGETS = {
     # folders, files, tensor keys and output names the messages may cite as such
     "sefi_identities", "clip_l", "clip_g", "my_face", "model_sampling", "face_crops", "crop_masks", "face_count",
@@ -112,7 +113,7 @@ def test_face_messages_name_the_face_node_widgets(host, pack, face_photo):
 
 
 def test_score_messages_never_cite_cli_flags_nor_torch_advice(host, pack, tmp_path):
-    ev = pack.core("eval")
+    prompt_fidelity = pack.core("eval.prompt_fidelity")
     refs = torch.full((1, 64, 64, 3), 0.5)
     with pytest.raises(ValueError) as info:
         host.run("SeFiIdentityScore", images=refs, reference_images=refs, backend="dlib", reference_mode="mean",
@@ -126,7 +127,7 @@ def test_score_messages_never_cite_cli_flags_nor_torch_advice(host, pack, tmp_pa
     with pytest.raises(Exception) as info:
         torch.load(pickled, weights_only=True)
     assert "weights_only" in str(info.value)
-    reason = ev._load_failure(info.value)
+    reason = prompt_fidelity._load_failure(info.value)
     assert "weights_only" not in reason and "False" not in reason and "trust" in reason
 
 

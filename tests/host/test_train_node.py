@@ -176,7 +176,7 @@ def test_cancel_from_another_thread_saves_the_step_reached_and_resumes_exactly(h
     and resuming gives the tokens of an uninterrupted run. tests/core/test_training.py checks each raising site."""
     import re
     import threading
-    train, hostmod, tr = pack.glue("train"), pack.glue("host"), pack.core("training")
+    train, hostmod, tr = pack.glue("train"), pack.glue("host"), pack.core("train_state")
     mm = hostmod.model_management
     common = dict(steps=5, parametrisation="self-attention generator", stages=2, checkpoint_every=0)
     full = _train(host, sd15, photo, name="full", **common)[0]
@@ -309,7 +309,7 @@ def test_frozen_stand_ins_share_memory_unless_cast(host, sd15, pack):
 
 def test_name_overwrite_and_divergence(host, sd15, pack, photo):
     train = pack.glue("train")
-    tr = pack.core("training")
+    tr, states = pack.core("training"), pack.core("train_state")
     for bad in ("../x", "a/b", "a\\b"):
         with pytest.raises(ValueError, match="plain file name"):
             _train(host, sd15, photo, name=bad)
@@ -320,14 +320,14 @@ def test_name_overwrite_and_divergence(host, sd15, pack, photo):
     # step 1 is finite and checkpointed; lr 1e30 then blows the tokens up and step 2 diverges
     with pytest.raises(tr.TrainingDivergedError, match="diverged"):
         _train(host, sd15, photo, name="nan", steps=3, learning_rate=1e30, checkpoint_every=1)
-    state = tr.load_train_state(ckpt)
+    state = states.load_train_state(ckpt)
     assert state.step >= 1 and all(np.isfinite(state.loss_history))
     assert not (train.identity_dir() / "nan.safetensors").exists()
 
 
 def test_saved_identity_samples_through_server(host, sd15, pack, photo, trained_off, server):
     """The trained file, loaded by SeFiLoadIdentity on a real server, drives SeFiApplyIdentity → KSampler → SaveImage."""
-    from tools.comfy_client import output_files
+    from batch.comfy_client import output_files
     train = pack.glue("train")
     dest = server.models_dir / "sefi_identities"
     dest.mkdir(parents=True, exist_ok=True)

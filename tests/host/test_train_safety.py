@@ -94,9 +94,9 @@ def test_bad_names_are_refused_before_any_work(host, pack, photo, bad, why):
 def test_the_longest_valid_name_writes_all_its_files(host, sd15, pack, photo):
     """225 bytes is the limit: the identity's temp file is then exactly 255 bytes, and training and saving work
     (keep_checkpoint=true keeps the checkpoint; the default deletes it, see the crash test)."""
-    train = pack.glue("train")
+    train, policies = pack.glue("train"), pack.glue("train_policies")
     name = "n" * 225
-    assert max(len(f) for f in train.produced_file_names(name)) == 255
+    assert max(len(f) for f in policies.produced_file_names(name)) == 255
     _train(host, sd15, photo, name=name, overwrite=True, keep_checkpoint=True)
     assert (train.identity_dir() / f"{name}.safetensors").is_file()
     assert (train.checkpoint_dir() / f"{name}.sefi-train").is_file()
@@ -106,7 +106,7 @@ def test_the_longest_valid_name_writes_all_its_files(host, sd15, pack, photo):
 
 
 def test_a_fresh_run_never_replaces_an_unfinished_one(host, sd15, pack, photo):
-    tr = pack.core("training")
+    tr = pack.core("train_state")
     ckpt = _interrupted_run(host, sd15, photo, pack, "unfinished")
     before = ckpt.read_bytes()
     with pytest.raises(FileExistsError) as info:
@@ -160,7 +160,7 @@ def test_resume_from_a_file_the_pack_did_not_write_never_advises_deleting_it(hos
 
 
 def test_resume_with_another_structure_is_refused_listing_the_differences(host, sd15, pack, photo, caplog):
-    tr = pack.core("training")
+    tr = pack.core("train_state")
     ckpt = _interrupted_run(host, sd15, photo, pack, "struct", stages=2, parametrisation="direct tokens")
     with pytest.raises(ValueError) as info:
         _refused(host, photo, name="struct", resume_from="struct", steps=3, stages=3,
@@ -189,8 +189,8 @@ def test_resume_with_another_structure_is_refused_listing_the_differences(host, 
 KILLED_WRITER = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from sefi_core import training
-state = training.load_train_state({ckpt!r})
+from sefi_core import train_state
+state = train_state.load_train_state({ckpt!r})
 state.step = 999  # must never become the checkpoint
 
 def half_then_hang(f, data):
@@ -198,14 +198,14 @@ def half_then_hang(f, data):
     print("writing", flush=True)
     time.sleep(120)
 
-training._write_payload = half_then_hang
-training.save_train_state(state, {ckpt!r})
+train_state._write_payload = half_then_hang
+train_state.save_train_state(state, {ckpt!r})
 """
 
 
 def test_a_write_killed_midway_leaves_the_checkpoint_and_the_next_run_clears_the_debris(host, sd15, pack, photo,
                                                                                          caplog):
-    train, tr = pack.glue("train"), pack.core("training")
+    train, tr = pack.glue("train"), pack.core("train_state")
     ckpt = _interrupted_run(host, sd15, photo, pack, "crashed")
     folder = ckpt.parent
     unrelated = folder / ".notes.txt.0123456789ab.tmp"  # not this pack's temp file for this name

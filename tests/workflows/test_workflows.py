@@ -15,7 +15,7 @@ import urllib.error
 import pytest
 
 from tools import workflow_builder as wb
-from tools.comfy_client import output_files
+from batch.comfy_client import output_files
 
 NAMES = ("01_train_identity", "02_generate_with_identity", "03_reenactment_controlnet", "04_multiview",
          "05_two_identities", "06_liveportrait_chain")

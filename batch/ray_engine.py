@@ -1,4 +1,4 @@
-"""The Ray engine of tools.batch_train (`--engine ray`): many identities across a Ray cluster, no HTTP.
+"""The Ray engine of the batch trainer (`python -m batch --engine ray`): many identities across a Ray cluster, no HTTP.
 
 Each worker is a Ray actor (one GPU each, `num_gpus=1`; on a CPU-only cluster `--worker-cpus` CPUs each) that
 boots the ComfyUI host in its own process once (tools.embedded_host: the PyPI host, or COMFYUI_PATH), loads the
@@ -31,14 +31,15 @@ from typing import Any, Callable
 import ray
 import ray.exceptions
 
+from batch.host_base import UPLOAD_FOLDER, local_base, remove_base
+from batch.node_inputs import input_names, widget_defaults
+from batch.people import Person, Result, UsageError, existing_identity, log
 from tools import embedded_host
-from tools.batch_train import (UPLOAD_FOLDER, Person, Result, UsageError, _defaults, _input_names,
-                               existing_identity, local_base, log)
 
 OBJECT_STORE_BYTES = 128 * 2**20  # only small dicts travel through it; Ray's minimum is 75 MiB
 POLL_SECONDS = 0.1
 WORKER_START_TIMEOUT = 15 * 60  # a replacement that cannot be placed (no free GPU left) gives up after this
-CHECKPOINT_SUFFIX = ".sefi-train"  # nodes/train.py's; read here without importing the pack
+CHECKPOINT_SUFFIX = ".sefi-train"  # nodes/train_policies.py's; read here without importing the pack
 
 WATCH_HOOKS: list[Callable[["RayJob"], None]] = []
 """Callables run by the driver on every poll with the running job (its `running()` people → worker handles);
@@ -68,7 +69,7 @@ class PersonTrainer:
     def describe(self) -> dict[str, Any]:
         """Where this worker runs and which trainer inputs its host has (checked by the driver once)."""
         return {"node": socket.gethostname(), "pid": os.getpid(), "device": self.device, "base": str(self.base),
-                "host": embedded_host.host_label(), "train_inputs": sorted(_input_names(self.train_info))}
+                "host": embedded_host.host_label(), "train_inputs": sorted(input_names(self.train_info))}
 
     def _photo(self, person: str, index: int, photo: Path):
         """The photo as LoadImage reads it from the host's input folder (the HTTP engine's upload, as a link)."""
@@ -88,7 +89,7 @@ class PersonTrainer:
         steps: list[int] = []
         hook = lambda step, total, loss, parts: steps.append(int(step))  # noqa: E731
         crop = max(64, int(resolution) // 8 * 8)
-        mask_inputs = {**_defaults(self.mask_info), "backend": face_backend, "which_face": "largest",
+        mask_inputs = {**widget_defaults(self.mask_info), "backend": face_backend, "which_face": "largest",
                        "crop_size": crop, "on_no_face": "error"}
         self.progress_hooks.append(hook)
         try:
@@ -105,7 +106,7 @@ class PersonTrainer:
                             "person or remove it (or try --face-backend insightface)")}
                     return {"status": "failed", "message": f"SeFiFaceMask on photo {photo.name}: {exc}"}
                 batch = face if batch is None else self.host.run("ImageBatch", image1=batch, image2=face)[0]
-            inputs = {**_defaults(self.train_info), **train_inputs, "name": person, "overwrite": True,
+            inputs = {**widget_defaults(self.train_info), **train_inputs, "name": person, "overwrite": True,
                       "resume_from": resume_from, "model": self.model, "clip": self.clip, "vae": self.vae,
                       "images": batch}
             if inputs.get("attention_loss") == "mask" or inputs.get("masked_diffusion_loss"):
@@ -124,14 +125,6 @@ class PersonTrainer:
 
     def close(self) -> None:
         remove_base(self.base)
-
-
-def remove_base(base: Path) -> None:
-    """Remove a worker's temporary base folder, unlinking the links first so nothing in --out is touched."""
-    for link in [base / "models" / "sefi_identities", base / "custom_nodes" / embedded_host.PACK_DIR_NAME]:
-        if link.is_symlink():
-            link.unlink()
-    shutil.rmtree(base, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ driver
