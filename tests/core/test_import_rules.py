@@ -33,12 +33,13 @@ ALLOWED: dict[str, set[str]] = {
     "sefi_core": {"sefi_core"},
     "nodes": {"nodes", "sefi_core", "host"},
     "batch": {"batch", "sefi_core", "tools.embedded_host"},
-    "tools": {"tools", "sefi_core", "batch", "host"},
-    "bench": {"bench", "tools", "sefi_core", "host"},
+    "tools": {"tools", "sefi_core", "batch", "host", "world"},    # world: only WORLD_IMPORTERS, below
+    "bench": {"bench", "tools", "sefi_core", "host", "world"},
     "world": {"world", "sefi_core", "tools", "host"},
 }
-#: Who may import the miniature world (issue 22): the demo, the benchmarks and the tests only.
-WORLD_IMPORTERS = ("tools.demo", "bench.")
+#: Who may import the miniature world (issue 22): the demo, the dev server (it offers the world checkpoint), the
+#: benchmarks and the tests only.
+WORLD_IMPORTERS = ("tools.demo", "tools.dev_server", "bench.")
 
 
 @dataclass(frozen=True)
