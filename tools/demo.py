@@ -1,8 +1,10 @@
 """`make demo`: the main job on the embedded host — face photo → face mask → trained identity → image grid.
 
-Without --checkpoint it runs on the tiny random SD1.5 checkpoint, which proves the install (every node runs
-in a real ComfyUI) but cannot produce a likeness; it says so. With a real SD1.5/SDXL checkpoint it trains with
-full settings. The face photo defaults to scikit-image's bundled astronaut portrait (NASA, public domain).
+Without --checkpoint it runs in the miniature world (world/, docs/world.md): a small checkpoint trained here from
+scratch on rendered people in scenes, where a held-out person's studio photo becomes an identity and every generated
+picture is scored by the world's reader. It shows the mechanics, not photographs; it says so. With a real SD1.5/SDXL
+checkpoint it trains with full settings on a face photo, by default scikit-image's bundled astronaut portrait (NASA,
+public domain). `--tiny` runs the old install check on the tiny random-weight model instead.
 """
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, help="a real SD1.5 or SDXL .safetensors checkpoint")
     parser.add_argument("--photo", type=Path, help="a face photo (default: the bundled astronaut)")
     parser.add_argument("--out", type=Path, default=embedded_host.REPO_ROOT / "demo-output")
-    parser.add_argument("--steps", type=int, help="training steps (default: 600 real, 30 tiny)")
+    parser.add_argument("--steps", type=int, help="training steps (default: 600 real, world's own, 30 tiny)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny random-weight model instead of the world")
     args = parser.parse_args(argv)
 
     real = args.checkpoint is not None
@@ -62,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--checkpoint {args.checkpoint} does not exist")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if not real and not args.tiny:
+        from world.demo import main as world_demo
+        return world_demo(out, args.steps)
     base = Path(tempfile.mkdtemp(prefix="sefi-demo-"))
     checkpoints = base / "models" / "checkpoints"
     checkpoints.mkdir(parents=True)

@@ -60,24 +60,25 @@ class Sampled:
 
 
 def sample(host, ckpt_name: str, requests: list[Request], seed: int = 0, sampler: dict = SAMPLER,
-           subject: str = "person", model=None, clip=None, vae=None, apply=None) -> list[Sampled]:
-    """Render each request through the host's nodes. `apply(model, clip, text) → (model, positive)` replaces plain
-    CLIPTextEncode (SeFi Apply Identity does this for a trained identity)."""
-    if model is None:
-        model, clip, vae = host.run("CheckpointLoaderSimple", ckpt_name=ckpt_name)[:3]
+           subject: str = "person", batch: int = 50) -> list[Sampled]:
+    """Render plain prompts through the host's nodes, `batch` at a time: each prompt's CLIPTextEncode output becomes
+    one row of a batched conditioning (the host pairs row i with latent i), then one KSampler and one VAEDecode per
+    batch — a 13.6 M-parameter U-Net on an 8 × 8 latent is ~10× cheaper per picture in batches on a CPU."""
+    import torch
+    model, clip, vae = host.run("CheckpointLoaderSimple", ckpt_name=ckpt_name)[:3]
     negative = host.run("CLIPTextEncode", clip=clip, text=NEGATIVE)[0]
-    latent = host.run("EmptyLatentImage", width=64, height=64, batch_size=1)[0]
     out = []
-    for i, request in enumerate(requests):
-        text = prompt(request, subject=subject)
-        if apply is None:
-            patched, positive = model, host.run("CLIPTextEncode", clip=clip, text=text)[0]
-        else:
-            patched, positive = apply(model, clip, text)
-        samples = host.run("KSampler", model=patched, seed=seed + i, positive=positive, negative=negative,
+    for start in range(0, len(requests), batch):
+        chunk = requests[start:start + batch]
+        texts = [prompt(r, subject=subject) for r in chunk]
+        encoded = [host.run("CLIPTextEncode", clip=clip, text=t)[0][0] for t in texts]
+        positive = [[torch.cat([c for c, _ in encoded]),
+                     {"pooled_output": torch.cat([extra["pooled_output"] for _, extra in encoded])}]]
+        latent = host.run("EmptyLatentImage", width=64, height=64, batch_size=len(chunk))[0]
+        samples = host.run("KSampler", model=model, seed=seed + start, positive=positive, negative=negative,
                            latent_image=latent, denoise=1.0, **sampler)[0]
-        image = host.run("VAEDecode", vae=vae, samples=samples)[0][0].clamp(0, 1).numpy()
-        out.append(Sampled(request, text, image, read(image)))
+        images = host.run("VAEDecode", vae=vae, samples=samples)[0].clamp(0, 1).numpy()
+        out += [Sampled(r, t, im, read(im)) for r, t, im in zip(chunk, texts, images)]
     return out
 
 

@@ -10,7 +10,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def test_demo_trains_an_identity_and_writes_a_grid(tmp_path, tiny_sd15):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "tools.demo", "--steps", "2", "--out", str(out)], cwd=REPO_ROOT,
+    proc = subprocess.run([sys.executable, "-m", "tools.demo", "--tiny", "--steps", "2", "--out", str(out)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "tiny random-weight SD1.5 model" in proc.stdout and "CKPT=" in proc.stdout
