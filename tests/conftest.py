@@ -136,6 +136,35 @@ def sdxl(host, tiny_sdxl):
 
 
 @pytest.fixture(scope="session")
+def world_unet_weights(host) -> Path:
+    """The world U-Net's weights file: the committed trained one, or random weights of the same shape while
+    world/weights/unet.safetensors does not exist yet."""
+    from world import checkpoint
+    if checkpoint.UNET_WEIGHTS.exists():
+        return checkpoint.UNET_WEIGHTS
+    weights = CACHE_DIR / "world-unet-random.safetensors"
+    if not weights.exists():
+        tiny_checkpoints.save(checkpoint.random_unet_weights(seed=0), weights)
+    return weights
+
+
+@pytest.fixture(scope="session")
+def world_sd15(host, world_unet_weights) -> Path:
+    """The world checkpoint (world/checkpoint.py) in the host's checkpoints folder, built once and cached. Built after
+    boot, in process: its builder imports the host's model code."""
+    from world import checkpoint
+    path = checkpoint.ensure(CACHE_DIR, world_unet_weights)
+    _link_model(Path(host.folder_paths.get_folder_paths("checkpoints")[0]), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def world_models(host, world_sd15):
+    """(MODEL, CLIP, VAE) of the world checkpoint, loaded through CheckpointLoaderSimple."""
+    return host.run("CheckpointLoaderSimple", ckpt_name=world_sd15.name)[:3]
+
+
+@pytest.fixture(scope="session")
 def server(tmp_path_factory, tiny_sd15):
     """A real ComfyUI server headless on 127.0.0.1 (free port, --cpu) with this pack in its custom nodes."""
     base = tmp_path_factory.mktemp("comfy-server")

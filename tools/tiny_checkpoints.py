@@ -46,7 +46,7 @@ def _meta_state_dict(make) -> dict[str, torch.Tensor]:
         return make().state_dict()
 
 
-def _randomise(shapes: dict[str, torch.Tensor], generator: torch.Generator, dtype=torch.float16) -> dict[str, torch.Tensor]:
+def randomise(shapes: dict[str, torch.Tensor], generator: torch.Generator, dtype=torch.float16) -> dict[str, torch.Tensor]:
     """Norm weights 1, biases 0, the rest N(0, 0.02): finite, deterministic, roughly unit-scale activations."""
     out = {}
     for key in sorted(shapes):
@@ -66,19 +66,19 @@ def _randomise(shapes: dict[str, torch.Tensor], generator: torch.Generator, dtyp
     return out
 
 
-def _unet_shapes(model_config) -> dict[str, torch.Tensor]:
+def unet_shapes(config) -> dict[str, torch.Tensor]:
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    return _meta_state_dict(lambda: UNetModel(**model_config.unet_config, dtype=torch.float32, device="meta",
+    return _meta_state_dict(lambda: UNetModel(**config.unet_config, dtype=torch.float32, device="meta",
                                               operations=comfy.ops.disable_weight_init))
 
 
-def _vae_shapes() -> dict[str, torch.Tensor]:
+def vae_shapes() -> dict[str, torch.Tensor]:
     from comfy.ldm.models.autoencoder import AutoencoderKL
     return _meta_state_dict(lambda: AutoencoderKL(ddconfig=VAE_CONFIG, embed_dim=4))
 
 
-def _model_config(unet_config: dict):
+def model_config(unet_config: dict):
     import comfy.model_detection
     config = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
     if config is None:
@@ -86,24 +86,34 @@ def _model_config(unet_config: dict):
     return config
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> Path:
+def save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
     import safetensors.torch
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
 
 
+def text_shapes(text_model) -> dict[str, torch.Tensor]:
+    return _meta_state_dict(lambda: text_model(device="meta", dtype=torch.float32))
+
+
+def assemble(path: Path, config, unet: dict[str, torch.Tensor], text: dict[str, torch.Tensor],
+             vae: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """One single-file checkpoint from module state dicts, converted by the detected config's own savers."""
+    tensors = {**config.process_unet_state_dict_for_saving(unet),
+               **config.process_clip_state_dict_for_saving(text),
+               **config.process_vae_state_dict_for_saving(vae)}
+    return save(tensors, path, metadata)
+
+
 def _build_checkpoint(path: Path, unet_config: dict, text_model, seed: int) -> Path:
-    """UNet + text encoder(s) + KL-VAE, each randomised and converted by the detected config's own savers."""
+    """UNet + text encoder(s) + KL-VAE, each randomised."""
     g = torch.Generator().manual_seed(seed)
-    config = _model_config(unet_config)
-    text = _meta_state_dict(lambda: text_model(device="meta", dtype=torch.float32))
-    tensors = {**config.process_unet_state_dict_for_saving(_randomise(_unet_shapes(config), g)),
-               **config.process_clip_state_dict_for_saving(_randomise(text, g)),
-               **config.process_vae_state_dict_for_saving(_randomise(_vae_shapes(), g))}
-    return _save(tensors, path)
+    config = model_config(unet_config)
+    return assemble(path, config, randomise(unet_shapes(config), g), randomise(text_shapes(text_model), g),
+                    randomise(vae_shapes(), g))
 
 
 def build_sd15(path: Path, seed: int = 0) -> Path:
@@ -121,13 +131,13 @@ def build_controlnet_sd15(path: Path, seed: int = 0) -> Path:
     import comfy.ops
     from comfy.cldm.cldm import ControlNet
     g = torch.Generator().manual_seed(seed)
-    unet = {k: v for k, v in _model_config(SD15_UNET).unet_config.items()
+    unet = {k: v for k, v in model_config(SD15_UNET).unet_config.items()
             if k not in ("transformer_depth_output", "out_channels", "use_temporal_resblock",
                          "use_temporal_attention", "use_checkpoint")}
     shapes = _meta_state_dict(lambda: ControlNet(hint_channels=3, **unet, dtype=torch.float32, device="meta",
                                                  operations=comfy.ops.disable_weight_init))
-    tensors = {f"control_model.{k}": v for k, v in _randomise(shapes, g).items()}
-    return _save(tensors, path)
+    tensors = {f"control_model.{k}": v for k, v in randomise(shapes, g).items()}
+    return save(tensors, path)
 
 
 BUILDERS = {"sd1": (SD15_NAME, build_sd15), "sdxl": (SDXL_NAME, build_sdxl),
