@@ -137,15 +137,9 @@ def sdxl(host, tiny_sdxl):
 
 @pytest.fixture(scope="session")
 def world_unet_weights(host) -> Path:
-    """The world U-Net's weights file: the committed trained one, or random weights of the same shape while
-    world/weights/unet.safetensors does not exist yet."""
+    """The committed, trained world U-Net (world/weights/unet.safetensors)."""
     from world import checkpoint
-    if checkpoint.UNET_WEIGHTS.exists():
-        return checkpoint.UNET_WEIGHTS
-    weights = CACHE_DIR / "world-unet-random.safetensors"
-    if not weights.exists():
-        tiny_checkpoints.save(checkpoint.random_unet_weights(seed=0), weights)
-    return weights
+    return checkpoint.UNET_WEIGHTS
 
 
 @pytest.fixture(scope="session")

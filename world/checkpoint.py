@@ -3,7 +3,7 @@
 Only the trained U-Net is committed (world/weights/unet.safetensors, the host's UNetModel key names, fp16); the text
 encoder (world/text_encoder.py) and the VAE (world/vae.py) are constructed, and the file is assembled on the spot with
 the host's own classes and key converters, the way tools/tiny_checkpoints.py writes the tiny ones. The U-Net has the
-smallest shape the hosts detect as SD1.5 (tiny_checkpoints.SD15_UNET).
+smallest shape the hosts detect as SD1.5 (world/model.py).
 
 Needs the host's `comfy` importable (tools.embedded_host.import_host_modules, or a booted host).
 """
@@ -17,18 +17,20 @@ import torch
 
 from tools import tiny_checkpoints
 
-from . import text_encoder, vae
+from . import model, text_encoder, vae
+from .model import UNET
 
 NAME = "world-sd15.safetensors"
 UNET_WEIGHTS = Path(__file__).resolve().parent / "weights" / "unet.safetensors"
 RECIPE_KEY = "sefi_world_recipe"
 # The file is a product of the U-Net weights and of the code that constructs the rest: a change in either rebuilds it.
-_RECIPE_SOURCES = (Path(text_encoder.__file__), Path(vae.__file__), Path(__file__), Path(tiny_checkpoints.__file__))
+_RECIPE_SOURCES = (Path(text_encoder.__file__), Path(vae.__file__), Path(model.__file__), Path(__file__),
+                   Path(tiny_checkpoints.__file__))
 
 
 def random_unet_weights(seed: int = 0) -> dict[str, torch.Tensor]:
     """A random U-Net state dict of the world U-Net's shape (fp16): a stand-in until trained weights exist."""
-    config = tiny_checkpoints.model_config(tiny_checkpoints.SD15_UNET)
+    config = tiny_checkpoints.model_config(UNET)
     return tiny_checkpoints.randomise(tiny_checkpoints.unet_shapes(config), torch.Generator().manual_seed(seed))
 
 
@@ -42,7 +44,7 @@ def build(path: Path, unet_weights: Mapping[str, torch.Tensor] | Path | None = N
     if isinstance(weights_file, (str, Path)):
         metadata = {RECIPE_KEY: recipe(Path(weights_file))}
         unet_weights = _read_unet_weights(Path(weights_file))
-    config = tiny_checkpoints.model_config(tiny_checkpoints.SD15_UNET)
+    config = tiny_checkpoints.model_config(UNET)
     _check_unet_fits(unet_weights, tiny_checkpoints.unet_shapes(config))
     text = text_encoder.construct(tiny_checkpoints.text_shapes(comfy.sd1_clip.SD1ClipModel))
     # fp32: the VAE's gains are not fp16 numbers, and rounding them would cost the round trip ~1e-4 of exactness.
@@ -95,5 +97,5 @@ def _check_unet_fits(weights: Mapping[str, torch.Tensor], shapes: dict[str, torc
         details = "; ".join(f"{label}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}"
                             for label, keys in (("missing", missing), ("unexpected", unexpected),
                                                 ("wrong shape", wrong)) if keys)
-        raise ValueError(f"the U-Net weights do not fit the world U-Net (tools.tiny_checkpoints.SD15_UNET, the host's "
+        raise ValueError(f"the U-Net weights do not fit the world U-Net (world/model.py's UNET, the host's "
                          f"UNetModel key names without `model.diffusion_model.`): {details}")
