@@ -10,8 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")
-pytest.importorskip("cv2", reason="the face core needs opencv-python-headless")
+from tools.dev_requirements import import_required
+
+import_required("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")
+import_required("cv2", reason="the face core needs opencv-python-headless")
 
 NODE = "SeFiIdentityScore"
 SIDE = 320
