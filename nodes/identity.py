@@ -5,7 +5,8 @@ import os
 
 from . import host
 from .identity_patch import IdentityAttn2Patch
-from .prompt_encoding import check_family, clip_family, encode_with_vectors, initializer_conditioning, plan_prompt
+from .prompt_encoding import (check_family, check_identity_scale, clip_family, embedding_norms, encode_with_vectors,
+                              initializer_conditioning, plan_prompt)
 from .sampling_support import check_model_sampling
 from ..sefi_core.identity import Identity, load_identity
 from ..sefi_core.routing import Binding
@@ -86,8 +87,10 @@ class SeFiApplyIdentity:
             raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
         check_model_sampling(model, "SeFi Apply Identity")
         family = clip_family(clip)
+        norms = embedding_norms(clip)
         for slot, ident in zip(["identity", *EXTRA_IDENTITY_SLOTS], identities):
             check_family(ident, family, slot)
+            check_identity_scale(ident, norms, slot)
 
         plan = plan_prompt(clip, text, identities, strength)
         base, _ = encode_with_vectors(clip, plan, [{e: i.fallback(e) for e in i.encoders} for i in identities])

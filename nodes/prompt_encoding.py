@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sefi_core.identity import Identity
+from ..sefi_core.identity import FAMILY_ENCODERS, Identity
+from ..sefi_core.token_scale import check_token_scale, embedding_norm
 from ..sefi_core.tokens import ENCODER_TOKEN_KEYS, plan_placeholders, splice_vectors
 
 TOKEN_KEY_FAMILY = {frozenset({"l"}): "sd1", frozenset({"g", "l"}): "sdxl"}
@@ -34,6 +35,20 @@ def check_family(identity: Identity, family: str, slot: str = "identity") -> Non
         raise ValueError(f"{slot} '{identity.trigger}' was trained for {identity.family.upper()} but the CLIP is "
                          f"{family.upper()}; use the identity with a matching checkpoint, or train one for "
                          f"{family.upper()}.")
+
+
+def embedding_norms(clip) -> dict[str, float]:
+    """{encoder: mean length of its word embeddings} for the CLIP's text encoders: the yardstick of
+    sefi_core.token_scale, taken from the model itself (tiny test models and real ones differ in scale)."""
+    encoders = clip.cond_stage_model
+    return {name: embedding_norm(getattr(encoders, name).transformer.text_model.embeddings.token_embedding.weight)
+            for name in FAMILY_ENCODERS[clip_family(clip)]}
+
+
+def check_identity_scale(identity: Identity, norms: dict[str, float], slot: str = "identity") -> None:
+    """Refuse an identity whose tokens are far beyond this CLIP's embedding scale: the text encoder would overflow
+    on them and the sampler would return black images without a word."""
+    check_token_scale(identity.tokens, norms, f"{slot} '{identity.trigger}'")
 
 
 @dataclass(frozen=True)

@@ -240,6 +240,19 @@ def test_family_mismatch_is_a_clear_error(host, sd15, pack):
         _apply(host, model, clip, _identity(pack, 11, family="sdxl"))
 
 
+def test_blown_up_tokens_are_refused_against_the_clips_own_scale(host, sd15, pack):
+    """A diverged run's finite ~1e30 tokens, in an identity that records no embedding scale (an older file): the
+    CLIP's own table is the yardstick, so the sampler never gets to make a black picture of them."""
+    model, clip, _ = sd15
+    good = _identity(pack, 12)
+    blown = pack.core("identity").Identity("sd1", {"clip_l": good.tokens["clip_l"] * 1e30}, "zwx", "person")
+    with pytest.raises(ValueError, match=r"identity_2 'zwx': its tokens have blown up: clip_l vectors are up to "
+                                         r"\S+ long, \S+ times the mean length of the text encoder's word embeddings "
+                                         r"\(0\.55\d*;.*lower learning_rate"):
+        _apply(host, model, clip, good, text="sks and zwx", identity_2=blown)
+    _apply(host, model, clip, good, text="sks")
+
+
 def test_composes_with_an_attn2_replace_pack_and_a_controlnet(host, sd15, pack, tiny_controlnet):
     """An IPAdapter-style replace patch (written here) and a ControlNet on the returned conditioning."""
     model, clip, _ = sd15
