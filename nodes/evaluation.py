@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import host
+from .edges import checked_inputs
 from .faces import BACKENDS, CATEGORY, INSIGHTFACE_PACKS, _core, _detect_cached, _make_backend
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,10 @@ class SeFiIdentityScore:
 
     def score(self, images, reference_images, backend="auto", reference_mode="mean", text_format="table",
               prompts="", clip_weights="", clip_model="ViT-B-32", insightface_pack="antelopev2"):
+        checked_inputs(SeFiIdentityScore, "SeFi Identity Score", dict(
+            images=images, reference_images=reference_images, backend=backend, reference_mode=reference_mode,
+            text_format=text_format, prompts=prompts, clip_weights=clip_weights, clip_model=clip_model,
+            insightface_pack=insightface_pack))
         core = _core()
         from ..sefi_core import eval as ev
 

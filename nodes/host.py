@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterable
+import sys
+from typing import Callable, Iterable
 
 try:  # PyPI distribution
     from comfy.cmd import folder_paths  # type: ignore[no-redef]
@@ -94,6 +95,22 @@ def full_path(name: str, filename: str) -> str:
     return path
 
 
+SERVER_MODULE = "comfy.cmd.server" if DISTRIBUTION == "pypi" else "server"
+
+
+def add_prompt_handler(handler: Callable[[dict], dict]) -> bool:
+    """Have the running server call `handler(json_data) -> json_data` on every prompt it receives, before it validates
+    the prompt: the only hook that sees the values as they were sent (validation converts some of them). Once per
+    handler. False where no server runs (ComfyUI used in-process): there nothing but Python calls the nodes."""
+    module = sys.modules.get(SERVER_MODULE)  # never imported here: no server module loaded means no server
+    server = getattr(getattr(module, "PromptServer", None), "instance", None)
+    if server is None or not hasattr(server, "add_on_prompt_handler"):
+        return False
+    if handler not in getattr(server, "on_prompt_handlers", []):
+        server.add_on_prompt_handler(handler)
+    return True
+
+
 def models_dir() -> str:
     return folder_paths.models_dir
 
@@ -146,7 +163,8 @@ def torch_device():
 
 
 __all__ = [
-    "DISTRIBUTION", "IDENTITY_FOLDER", "INSIGHTFACE_FOLDER", "InterruptProcessingException", "clip_attention",
+    "DISTRIBUTION", "IDENTITY_FOLDER", "INSIGHTFACE_FOLDER", "InterruptProcessingException", "add_prompt_handler",
+    "clip_attention",
     "ensure_model_folder", "filename_list", "folder_paths", "full_path", "insightface_roots",
     "interrupt_current_processing", "knows_model_folder", "load_for_training", "model_management", "models_dir",
     "progress_bar", "raise_if_interrupted", "register_model_folder", "sdpa_unet_attention", "torch_device",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from . import host
+from .edges import checked_inputs
 from .identity_patch import IdentityAttn2Patch
 from .prompt_encoding import (check_family, check_identity_scale, clip_family, embedding_norms, encode_with_vectors,
                               initializer_conditioning, plan_prompt)
@@ -32,6 +33,8 @@ class SeFiLoadIdentity:
     CATEGORY = CATEGORY
 
     def load(self, identity_name: str):
+        identity_name = checked_inputs(SeFiLoadIdentity, "SeFi Load Identity",
+                                       {"identity_name": identity_name})["identity_name"]
         return (load_identity(host.full_path(host.IDENTITY_FOLDER, identity_name)),)
 
     @classmethod
@@ -82,6 +85,9 @@ class SeFiApplyIdentity:
 
     def apply(self, model, clip, identity: Identity, text: str, strength: float = 1.0, start_percent: float = 0.0,
               end_percent: float = 1.0, **extra: Identity):
+        checked_inputs(SeFiApplyIdentity, "SeFi Apply Identity",
+                       dict(model=model, clip=clip, identity=identity, text=text, strength=strength,
+                            start_percent=start_percent, end_percent=end_percent, **extra))
         identities = [identity] + [extra[slot] for slot in EXTRA_IDENTITY_SLOTS if extra.get(slot) is not None]
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
