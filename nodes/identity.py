@@ -88,17 +88,19 @@ class SeFiApplyIdentity:
         checked_inputs(SeFiApplyIdentity, "SeFi Apply Identity",
                        dict(model=model, clip=clip, identity=identity, text=text, strength=strength,
                             start_percent=start_percent, end_percent=end_percent, **extra))
-        identities = [identity] + [extra[slot] for slot in EXTRA_IDENTITY_SLOTS if extra.get(slot) is not None]
+        connected = [("identity", identity)] + [(slot, extra[slot]) for slot in EXTRA_IDENTITY_SLOTS
+                                                if extra.get(slot) is not None]
+        slots, identities = [s for s, _ in connected], [i for _, i in connected]
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
         check_model_sampling(model, "SeFi Apply Identity")
         family = clip_family(clip)
         norms = embedding_norms(clip)
-        for slot, ident in zip(["identity", *EXTRA_IDENTITY_SLOTS], identities):
+        for slot, ident in connected:
             check_family(ident, family, slot)
             check_identity_scale(ident, norms, slot)
 
-        plan = plan_prompt(clip, text, identities, strength)
+        plan = plan_prompt(clip, text, identities, strength, slots)
         base, _ = encode_with_vectors(clip, plan, [{e: i.fallback(e) for e in i.encoders} for i in identities])
         off, pooled = initializer_conditioning(clip, text, identities)
         combos = stage_combinations([i.stages for i in identities])

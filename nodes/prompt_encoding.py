@@ -78,15 +78,37 @@ def _placeholder_id(clip, word: str, keys) -> int:
     return first[0]
 
 
-def plan_prompt(clip, text: str, identities: Sequence[Identity], strength: float) -> PromptPlan:
+def _same_identity(a, b) -> bool:
+    """One identity reached twice (the same object, or two loads of one file): same trigger and the same tokens."""
+    if a is b:
+        return True
+    return (a.family == b.family and a.trigger == b.trigger and set(a.tokens) == set(b.tokens)
+            and all(torch.equal(a.tokens[e], b.tokens[e]) for e in a.tokens))
+
+
+def check_distinct_triggers(identities: Sequence[Identity], slots: Sequence[str]) -> None:
+    """Every identity of a prompt needs its own trigger word; slots[i] names identity i's input in messages."""
+    seen: dict[str, tuple[str, Identity]] = {}
+    for slot, ident in zip(slots, identities):
+        if ident.trigger not in seen:
+            seen[ident.trigger] = (slot, ident)
+            continue
+        first_slot, first = seen[ident.trigger]
+        if _same_identity(first, ident):
+            raise ValueError(f"{first_slot} and {slot} are the same identity ('{ident.trigger}'): it is connected "
+                             f"twice; connect it once, and another identity to {slot} if you meant one")
+        raise ValueError(f"{first_slot} and {slot} are two identities with the same trigger word '{ident.trigger}', "
+                         f"so a prompt cannot tell them apart. The trigger is stored inside the identity file "
+                         f"(renaming the file does not change it): train one of them again with another trigger")
+
+
+def plan_prompt(clip, text: str, identities: Sequence[Identity], strength: float,
+                slots: Sequence[str] | None = None) -> PromptPlan:
     """Tokenize `text` with each identity's trigger rewritten to its placeholder, and scale the weights of
-    the identity positions by `strength` (the host's own token-weight rule, as in '(word:1.2)')."""
-    triggers = {}
-    for ident in identities:
-        if ident.trigger in triggers:
-            raise ValueError(f"two identities share the trigger word '{ident.trigger}'; retrain or rename one so "
-                             f"each identity has its own trigger")
-        triggers[ident.trigger] = ident.vectors_per_token
+    the identity positions by `strength` (the host's own token-weight rule, as in '(word:1.2)'). `slots`: the
+    inputs the identities came from, for messages."""
+    check_distinct_triggers(identities, slots or [f"identity {i + 1}" for i in range(len(identities))])
+    triggers = {ident.trigger: ident.vectors_per_token for ident in identities}
     rewritten, placeholders = plan_placeholders(text, triggers)
     tokens = clip.tokenize(rewritten)
     ids = tuple(_placeholder_id(clip, p.word, tokens) for p in placeholders)

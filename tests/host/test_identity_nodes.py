@@ -234,6 +234,26 @@ def test_two_identities_in_one_prompt(host, sd15, pack):
                  start_percent=0.0, end_percent=1.0, identity_2=b)
 
 
+def test_a_shared_trigger_says_to_retrain_and_a_double_connection_says_so(host, sd15, pack, tmp_path):
+    """The trigger lives inside the identity file: renaming a file never helps, retraining one does. One identity
+    connected twice (the same object, or two loads of one file) is a wiring slip, not a trigger clash."""
+    model, clip, _ = sd15
+    ident = pack.core("identity")
+    a, other = _identity(pack, 8, trigger="zwx"), _identity(pack, 9, trigger="zwx")
+    with pytest.raises(ValueError) as info:
+        _apply(host, model, clip, a, text="sks and zwx", identity_3=other)
+    msg = str(info.value)
+    assert "identity and identity_3 are two identities with the same trigger word 'zwx'" in msg
+    assert "train one of them again with another trigger" in msg and "rename" not in msg.replace("renaming", "")
+    path = ident.save_identity(a, tmp_path / "a.safetensors")
+    for twice in (a, ident.load_identity(path)):
+        with pytest.raises(ValueError) as info:
+            _apply(host, model, clip, a, text="zwx", identity_4=twice)
+        msg = str(info.value)
+        assert "identity and identity_4 are the same identity ('zwx'): it is connected twice" in msg
+        assert "train" not in msg
+
+
 def test_family_mismatch_is_a_clear_error(host, sd15, pack):
     model, clip, _ = sd15
     with pytest.raises(ValueError, match="SDXL.*SD1"):
