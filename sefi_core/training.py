@@ -322,6 +322,21 @@ def _make_optimizer(params: list[nn.Parameter], settings: TrainSettings, fused: 
     )
 
 
+def _in_this_runs_mode(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A saved optimiser state whose param groups take every option from this run's optimiser: its hyper-parameters
+    and its implementation (fused / foreach / capturable), which load_state_dict would otherwise restore from the
+    checkpoint. A checkpoint written on the CPU (single-tensor) and resumed where the fused AdamW reads its skip flag
+    from the device would then run the wrong kernel (an AssertionError at the first step), and the reverse would
+    keep the fused path the CPU's exact resume does not cover. Loading with this run's flags also puts each Adam
+    step count where this run's kernel wants it. Older checkpoints may lack some of these keys."""
+    groups = saved.get("param_groups", [])
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"the checkpoint's optimiser has {len(groups)} parameter group(s), this run's has "
+                         f"{len(optimizer.param_groups)}")
+    ours = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    return {**saved, "param_groups": [{**theirs, **mine} for theirs, mine in zip(groups, ours)]}
+
+
 def _cpu_copy(obj: Any) -> Any:
     if isinstance(obj, Tensor):
         return obj.detach().to("cpu", copy=True)
@@ -392,7 +407,7 @@ def run_training(
     Resuming: ``start_state`` restores the generator and the Adam moments exactly. Settings
     that change the trajectory (anything except ``steps`` and ``checkpoint_every``) should
     match the run that wrote it; a mismatch only warns, and the optimiser hyper-parameters
-    of ``settings`` win.
+    of ``settings`` win, as does this run's optimiser mode (``fused`` / foreach, whichever wrote the checkpoint).
     """
     settings.validate()
     params = _trainable(generator)
@@ -404,10 +419,7 @@ def run_training(
     parts_history: list[dict[str, float]] = []
     if start_state is not None:
         generator.load_state_dict(start_state.generator)
-        optimizer.load_state_dict(start_state.optimizer)
-        for group in optimizer.param_groups:  # the current settings decide the hyper-parameters
-            group.update(lr=settings.lr, betas=settings.adam_betas, eps=settings.adam_eps,
-                         weight_decay=settings.weight_decay)
+        optimizer.load_state_dict(_in_this_runs_mode(start_state.optimizer, optimizer))
         step0 = int(start_state.step)
         history = [float(x) for x in start_state.loss_history]
         parts_history = [dict(p) for p in start_state.parts_history]
