@@ -33,6 +33,7 @@ from .grad_share import backward_with_shares
 from .loss_scale import DynamicLossScale
 from .losses import ATTENTION_REDUCTIONS
 from .step_sync import PendingSteps, choose_sync
+from .token_scale import token_scale_problem
 from .train_state import TrainState
 
 __all__ = [
@@ -337,6 +338,19 @@ def _in_this_runs_mode(saved: Mapping[str, Any], optimizer: torch.optim.Optimize
     return {**saved, "param_groups": [{**theirs, **mine} for theirs, mine in zip(groups, ours)]}
 
 
+def _blown_up(generator: nn.Module, token_norms: Mapping[str, float] | None) -> str | None:
+    """What is wrong with the generator's tokens against token_norms (sefi_core.token_scale), or None."""
+    if not token_norms:
+        return None
+    was_training = generator.training
+    generator.eval()  # the tokens the identity would get (no dropout): no draw from any RNG either
+    try:
+        with torch.no_grad():
+            return token_scale_problem(generator(), token_norms)
+    finally:
+        generator.train(was_training)
+
+
 def _cpu_copy(obj: Any) -> Any:
     if isinstance(obj, Tensor):
         return obj.detach().to("cpu", copy=True)
@@ -371,6 +385,7 @@ def run_training(
     interrupts: tuple[type[BaseException], ...] = (),
     fused: bool | None = None,
     sync_every: int | None = None,
+    token_norms: Mapping[str, float] | None = None,
 ) -> TrainResult:
     """Train ``generator`` for ``settings.steps`` steps (continuing from ``start_state``).
 
@@ -408,6 +423,12 @@ def run_training(
     that change the trajectory (anything except ``steps`` and ``checkpoint_every``) should
     match the run that wrote it; a mismatch only warns, and the optimiser hyper-parameters
     of ``settings`` win, as does this run's optimiser mode (``fused`` / foreach, whichever wrote the checkpoint).
+
+    ``token_norms`` (``{encoder: mean word-embedding length}`` of the text encoders, :mod:`sefi_core.token_scale`):
+    a run can blow its tokens up to finite but enormous values (~1e30) that no NaN check sees and that sample
+    black pictures. Every checkpoint (and the final state) is measured against it first: tokens far beyond it stop
+    the run with :class:`TrainingDivergedError` and nothing is written; a ``start_state`` holding such tokens is
+    refused with a ``ValueError``.
     """
     settings.validate()
     params = _trainable(generator)
@@ -419,6 +440,11 @@ def run_training(
     parts_history: list[dict[str, float]] = []
     if start_state is not None:
         generator.load_state_dict(start_state.generator)
+        blown_up = _blown_up(generator, token_norms)
+        if blown_up:
+            raise ValueError(f"the checkpoint (step {start_state.step}) holds tokens that have blown up: {blown_up}. "
+                             "It was written by a diverged run: resume from a checkpoint written before it diverged, "
+                             "or start a new run with a lower learning_rate")
         optimizer.load_state_dict(_in_this_runs_mode(start_state.optimizer, optimizer))
         step0 = int(start_state.step)
         history = [float(x) for x in start_state.loss_history]
@@ -481,6 +507,12 @@ def run_training(
 
     def checkpoint() -> TrainState:
         nonlocal last_saved
+        if last_saved != step:
+            blown_up = _blown_up(generator, token_norms)
+            if blown_up:
+                loss = history[-1] if history else math.nan
+                raise TrainingDivergedError(step, settings.steps, loss, parts_history[-1] if parts_history else {},
+                                            f"the tokens have blown up: {blown_up}", settings, last_saved)
         state = snapshot()
         if save_checkpoint is not None and last_saved != step:
             save_checkpoint(state)
