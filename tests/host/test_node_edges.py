@@ -11,7 +11,7 @@ import pickle
 import pytest
 import torch
 
-from tools.comfy_client import PromptFailed
+from batch.comfy_client import PromptFailed
 
 IMAGE = torch.full((1, 64, 64, 3), 0.5)
 MASK = torch.ones(1, 64, 64)
