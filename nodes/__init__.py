@@ -1,7 +1,7 @@
 """ComfyUI glue: each module declares one node family; this file collects their mappings."""
 from __future__ import annotations
 
-from . import evaluation, faces, host, identity, train
+from . import edges, evaluation, faces, host, identity, train
 
 host.register_model_folder(host.IDENTITY_FOLDER, host.IDENTITY_EXTENSIONS)
 
@@ -11,3 +11,10 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {**faces.NODE_DISPLAY_NAME_MAPPINGS
                                               **identity.NODE_DISPLAY_NAME_MAPPINGS,
                                               **train.NODE_DISPLAY_NAME_MAPPINGS,
                                               **evaluation.NODE_DISPLAY_NAME_MAPPINGS}
+
+
+def _normalise_booleans(json_data: dict) -> dict:
+    return edges.normalise_prompt_booleans(json_data, NODE_CLASS_MAPPINGS)
+
+
+host.add_prompt_handler(_normalise_booleans)

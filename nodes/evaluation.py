@@ -7,12 +7,12 @@ a missing package must become an error on this node, not take the pack down at l
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import torch
 
 from . import host
+from .edges import checked_inputs
 from .faces import BACKENDS, CATEGORY, INSIGHTFACE_PACKS, _core, _detect_cached, _make_backend
 
 log = logging.getLogger(__name__)
@@ -36,12 +36,26 @@ class _CachedBackend:
         return _detect_cached(self.engine, image, descriptors)
 
 
+CLIP_WEIGHTS_EXAMPLE = "clip/open_clip_vit_b32.safetensors"
+
+
 def _resolve_clip_weights(value: str) -> str:
-    """An absolute path as given; a relative one is looked up under ComfyUI's models folder."""
+    """The weights file clip_weights names inside the models folders ("" when empty). Like resume_from, a path
+    elsewhere is refused from its text alone, in the same words whether or not it exists: a graph may neither
+    read arbitrary files nor learn which exist."""
     value = value.strip()
-    if not value or os.path.isabs(os.path.expanduser(value)):
-        return os.path.expanduser(value)
-    return os.path.join(host.models_dir(), value)
+    if not value:
+        return ""
+    if host.relative_parts(value) is None:
+        raise ValueError(f"clip_weights must be a path inside ComfyUI's models folder ({host.models_dir()}), "
+                         f"relative to it, e.g. {CLIP_WEIGHTS_EXAMPLE}; not a path elsewhere")
+    found = host.find_model_file(value)
+    if found is None:
+        raise ValueError(f"clip_weights={value[:120]!r}: no such file in ComfyUI's models folder "
+                         f"({host.models_dir()}) nor, for '<folder>/<file>', in the folders extra_model_paths.yaml "
+                         f"registers under <folder>. Put the local open_clip weights of the architecture clip_model "
+                         f"names there, e.g. {CLIP_WEIGHTS_EXAMPLE}")
+    return found
 
 
 class SeFiIdentityScore:
@@ -71,8 +85,9 @@ class SeFiIdentityScore:
                     "The prompt of each image, one per line in batch order (or one line for all). Used for prompt "
                     "fidelity when clip_weights is set.")}),
                 "clip_weights": ("STRING", {"default": "", "tooltip": (
-                    "Local open_clip weights for prompt fidelity (absolute path, or relative to ComfyUI's models "
-                    "folder). Empty = prompt fidelity off. Nothing is downloaded.")}),
+                    "Local open_clip weights for prompt fidelity: a file in ComfyUI's models folder, relative to it "
+                    "(e.g. clip/open_clip_vit_b32.safetensors). Empty = prompt fidelity off. Nothing is "
+                    "downloaded.")}),
                 "clip_model": ("STRING", {"default": "ViT-B-32", "tooltip": (
                     "open_clip architecture of clip_weights (e.g. ViT-B-32, ViT-L-14).")}),
                 "insightface_pack": (list(INSIGHTFACE_PACKS), {"default": "antelopev2", "tooltip": (
@@ -93,6 +108,10 @@ class SeFiIdentityScore:
 
     def score(self, images, reference_images, backend="auto", reference_mode="mean", text_format="table",
               prompts="", clip_weights="", clip_model="ViT-B-32", insightface_pack="antelopev2"):
+        checked_inputs(SeFiIdentityScore, "SeFi Identity Score", dict(
+            images=images, reference_images=reference_images, backend=backend, reference_mode=reference_mode,
+            text_format=text_format, prompts=prompts, clip_weights=clip_weights, clip_model=clip_model,
+            insightface_pack=insightface_pack))
         core = _core()
         from ..sefi_core import eval as ev
 

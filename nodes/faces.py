@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import host
+from .edges import checked_inputs
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,10 @@ class SeFiFaceMask:
 
     def run(self, image, backend="auto", which_face="largest", face_index=0, mask_shape="ellipse", grow=0,
             feather=0, crop_size=512, crop_margin=0.25, on_no_face="skip", insightface_pack="antelopev2"):
+        checked_inputs(SeFiFaceMask, "SeFi Face Mask", dict(
+            image=image, backend=backend, which_face=which_face, face_index=face_index, mask_shape=mask_shape,
+            grow=grow, feather=feather, crop_size=crop_size, crop_margin=crop_margin, on_no_face=on_no_face,
+            insightface_pack=insightface_pack))
         core = _core()
         options = core.FaceMaskOptions(
             backend=backend, select=which_face, index=face_index, mask_shape=mask_shape, grow=grow,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterable
+import sys
+from typing import Callable, Iterable
 
 try:  # PyPI distribution
     from comfy.cmd import folder_paths  # type: ignore[no-redef]
@@ -94,8 +95,47 @@ def full_path(name: str, filename: str) -> str:
     return path
 
 
+SERVER_MODULE = "comfy.cmd.server" if DISTRIBUTION == "pypi" else "server"
+
+
+def add_prompt_handler(handler: Callable[[dict], dict]) -> bool:
+    """Have the running server call `handler(json_data) -> json_data` on every prompt it receives, before it validates
+    the prompt: the only hook that sees the values as they were sent (validation converts some of them). Once per
+    handler. False where no server runs (ComfyUI used in-process): there nothing but Python calls the nodes."""
+    module = sys.modules.get(SERVER_MODULE)  # never imported here: no server module loaded means no server
+    server = getattr(getattr(module, "PromptServer", None), "instance", None)
+    if server is None or not hasattr(server, "add_on_prompt_handler"):
+        return False
+    if handler not in getattr(server, "on_prompt_handlers", []):
+        server.add_on_prompt_handler(handler)
+    return True
+
+
 def models_dir() -> str:
     return folder_paths.models_dir
+
+
+def relative_parts(value: str) -> list[str] | None:
+    """The parts of `value` when it is a plain relative path, which cannot leave the folder it is joined to (no
+    absolute path, drive letter, '~', '..', empty part or control character); None otherwise. Decided from the
+    text alone, so a refusal never depends on (and never tells) what exists elsewhere on the disk."""
+    parts = value.replace("\\", "/").split("/")
+    if (not value or os.path.isabs(value) or value.startswith(("/", "\\", "~")) or ":" in value or ".." in parts
+            or "" in parts or any(ord(c) < 32 for c in value)):
+        return None
+    return parts
+
+
+def find_model_file(relative: str) -> str | None:
+    """The file `relative` (checked with relative_parts) names inside the models folders: models/<relative>, or,
+    when it is "<folder>/<rest>", <rest> in any folder registered under <folder> (extra_model_paths.yaml)."""
+    parts = relative_parts(relative)
+    if parts is None:
+        return None
+    candidates = [os.path.join(folder_paths.models_dir, *parts)]
+    if len(parts) > 1 and knows_model_folder(parts[0]):
+        candidates += [os.path.join(root, *parts[1:]) for root in folder_paths.get_folder_paths(parts[0])]
+    return next((c for c in candidates if os.path.isfile(c)), None)
 
 
 def progress_bar(total: int) -> "comfy.utils.ProgressBar":
@@ -146,8 +186,10 @@ def torch_device():
 
 
 __all__ = [
-    "DISTRIBUTION", "IDENTITY_FOLDER", "INSIGHTFACE_FOLDER", "InterruptProcessingException", "clip_attention",
+    "DISTRIBUTION", "IDENTITY_FOLDER", "INSIGHTFACE_FOLDER", "InterruptProcessingException", "add_prompt_handler",
+    "clip_attention",
     "ensure_model_folder", "filename_list", "folder_paths", "full_path", "insightface_roots",
-    "interrupt_current_processing", "knows_model_folder", "load_for_training", "model_management", "models_dir",
+    "find_model_file", "interrupt_current_processing", "knows_model_folder", "load_for_training", "model_management",
+    "models_dir", "relative_parts",
     "progress_bar", "raise_if_interrupted", "register_model_folder", "sdpa_unet_attention", "torch_device",
 ]

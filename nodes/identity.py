@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 
 from . import host
+from .edges import checked_inputs
 from .identity_patch import IdentityAttn2Patch
-from .prompt_encoding import check_family, clip_family, encode_with_vectors, initializer_conditioning, plan_prompt
+from .prompt_encoding import (check_family, check_identity_scale, clip_family, embedding_norms, encode_with_vectors,
+                              initializer_conditioning, plan_prompt)
 from .sampling_support import check_model_sampling
 from ..sefi_core.identity import Identity, load_identity
 from ..sefi_core.routing import Binding
@@ -31,6 +33,8 @@ class SeFiLoadIdentity:
     CATEGORY = CATEGORY
 
     def load(self, identity_name: str):
+        identity_name = checked_inputs(SeFiLoadIdentity, "SeFi Load Identity",
+                                       {"identity_name": identity_name})["identity_name"]
         return (load_identity(host.full_path(host.IDENTITY_FOLDER, identity_name)),)
 
     @classmethod
@@ -81,15 +85,22 @@ class SeFiApplyIdentity:
 
     def apply(self, model, clip, identity: Identity, text: str, strength: float = 1.0, start_percent: float = 0.0,
               end_percent: float = 1.0, **extra: Identity):
-        identities = [identity] + [extra[slot] for slot in EXTRA_IDENTITY_SLOTS if extra.get(slot) is not None]
+        checked_inputs(SeFiApplyIdentity, "SeFi Apply Identity",
+                       dict(model=model, clip=clip, identity=identity, text=text, strength=strength,
+                            start_percent=start_percent, end_percent=end_percent, **extra))
+        connected = [("identity", identity)] + [(slot, extra[slot]) for slot in EXTRA_IDENTITY_SLOTS
+                                                if extra.get(slot) is not None]
+        slots, identities = [s for s, _ in connected], [i for _, i in connected]
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
         check_model_sampling(model, "SeFi Apply Identity")
         family = clip_family(clip)
-        for slot, ident in zip(["identity", *EXTRA_IDENTITY_SLOTS], identities):
+        norms = embedding_norms(clip)
+        for slot, ident in connected:
             check_family(ident, family, slot)
+            check_identity_scale(ident, norms, slot)
 
-        plan = plan_prompt(clip, text, identities, strength)
+        plan = plan_prompt(clip, text, identities, strength, slots)
         base, _ = encode_with_vectors(clip, plan, [{e: i.fallback(e) for e in i.encoders} for i in identities])
         off, pooled = initializer_conditioning(clip, text, identities)
         combos = stage_combinations([i.stages for i in identities])

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sefi_core.identity import Identity
+from ..sefi_core.identity import FAMILY_ENCODERS, Identity
+from ..sefi_core.token_scale import check_token_scale, embedding_norm
 from ..sefi_core.tokens import ENCODER_TOKEN_KEYS, plan_placeholders, splice_vectors
 
 TOKEN_KEY_FAMILY = {frozenset({"l"}): "sd1", frozenset({"g", "l"}): "sdxl"}
@@ -34,6 +35,20 @@ def check_family(identity: Identity, family: str, slot: str = "identity") -> Non
         raise ValueError(f"{slot} '{identity.trigger}' was trained for {identity.family.upper()} but the CLIP is "
                          f"{family.upper()}; use the identity with a matching checkpoint, or train one for "
                          f"{family.upper()}.")
+
+
+def embedding_norms(clip) -> dict[str, float]:
+    """{encoder: mean length of its word embeddings} for the CLIP's text encoders: the yardstick of
+    sefi_core.token_scale, taken from the model itself (tiny test models and real ones differ in scale)."""
+    encoders = clip.cond_stage_model
+    return {name: embedding_norm(getattr(encoders, name).transformer.text_model.embeddings.token_embedding.weight)
+            for name in FAMILY_ENCODERS[clip_family(clip)]}
+
+
+def check_identity_scale(identity: Identity, norms: dict[str, float], slot: str = "identity") -> None:
+    """Refuse an identity whose tokens are far beyond this CLIP's embedding scale: the text encoder would overflow
+    on them and the sampler would return black images without a word."""
+    check_token_scale(identity.tokens, norms, f"{slot} '{identity.trigger}'")
 
 
 @dataclass(frozen=True)
@@ -63,15 +78,37 @@ def _placeholder_id(clip, word: str, keys) -> int:
     return first[0]
 
 
-def plan_prompt(clip, text: str, identities: Sequence[Identity], strength: float) -> PromptPlan:
+def _same_identity(a, b) -> bool:
+    """One identity reached twice (the same object, or two loads of one file): same trigger and the same tokens."""
+    if a is b:
+        return True
+    return (a.family == b.family and a.trigger == b.trigger and set(a.tokens) == set(b.tokens)
+            and all(torch.equal(a.tokens[e], b.tokens[e]) for e in a.tokens))
+
+
+def check_distinct_triggers(identities: Sequence[Identity], slots: Sequence[str]) -> None:
+    """Every identity of a prompt needs its own trigger word; slots[i] names identity i's input in messages."""
+    seen: dict[str, tuple[str, Identity]] = {}
+    for slot, ident in zip(slots, identities):
+        if ident.trigger not in seen:
+            seen[ident.trigger] = (slot, ident)
+            continue
+        first_slot, first = seen[ident.trigger]
+        if _same_identity(first, ident):
+            raise ValueError(f"{first_slot} and {slot} are the same identity ('{ident.trigger}'): it is connected "
+                             f"twice; connect it once, and another identity to {slot} if you meant one")
+        raise ValueError(f"{first_slot} and {slot} are two identities with the same trigger word '{ident.trigger}', "
+                         f"so a prompt cannot tell them apart. The trigger is stored inside the identity file "
+                         f"(renaming the file does not change it): train one of them again with another trigger")
+
+
+def plan_prompt(clip, text: str, identities: Sequence[Identity], strength: float,
+                slots: Sequence[str] | None = None) -> PromptPlan:
     """Tokenize `text` with each identity's trigger rewritten to its placeholder, and scale the weights of
-    the identity positions by `strength` (the host's own token-weight rule, as in '(word:1.2)')."""
-    triggers = {}
-    for ident in identities:
-        if ident.trigger in triggers:
-            raise ValueError(f"two identities share the trigger word '{ident.trigger}'; retrain or rename one so "
-                             f"each identity has its own trigger")
-        triggers[ident.trigger] = ident.vectors_per_token
+    the identity positions by `strength` (the host's own token-weight rule, as in '(word:1.2)'). `slots`: the
+    inputs the identities came from, for messages."""
+    check_distinct_triggers(identities, slots or [f"identity {i + 1}" for i in range(len(identities))])
+    triggers = {ident.trigger: ident.vectors_per_token for ident in identities}
     rewritten, placeholders = plan_placeholders(text, triggers)
     tokens = clip.tokenize(rewritten)
     ids = tuple(_placeholder_id(clip, p.word, tokens) for p in placeholders)

@@ -20,6 +20,7 @@ flattens ``b c h w -> b (h w) c``) and bring a face mask onto that grid.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -27,7 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ColumnIndex",
     "attention_with_probs",
+    "column_index",
     "reference_probs",
     "grid_shape",
     "resize_mask",
@@ -45,12 +48,36 @@ def _split_heads(x: Tensor, heads: int, name: str) -> Tensor:
     return x.view(b, n, heads, inner // heads).transpose(1, 2)  # [b, h, n, d]
 
 
-def _column_index(columns: Sequence[int] | Tensor | None, nk: int, device: torch.device) -> Tensor | None:
+@dataclass(frozen=True)
+class ColumnIndex:
+    """Key columns checked and put on their device once (per prompt), for the loss sites of every step.
+
+    ``end`` (one past the largest column) is a Python int, so the range check against a site's key count reads
+    nothing back from the device; an index tensor alone could only be checked by reading it back, and used
+    unchecked an out-of-range column is a device-side assert on CUDA.
+    """
+
+    index: Tensor
+    end: int
+
+
+def column_index(columns: Sequence[int], device: torch.device | str) -> ColumnIndex:
+    """A ColumnIndex of ``columns`` (non-negative ints) on ``device``."""
+    cols = [int(c) for c in columns]
+    negative = [c for c in cols if c < 0]
+    if negative:
+        raise IndexError(f"key columns {negative} are negative; columns count from 0")
+    return ColumnIndex(torch.tensor(cols, dtype=torch.long).to(device), max(cols, default=-1) + 1)
+
+
+def _column_index(columns: Sequence[int] | ColumnIndex | None, nk: int, device: torch.device) -> Tensor | None:
     if columns is None:
         return None
-    if isinstance(columns, Tensor):  # an index the caller built (and checked) once, ideally on `device` already
-        return columns.to(device=device, dtype=torch.long, non_blocking=True)
-    cols = [int(c) for c in columns]
+    if isinstance(columns, ColumnIndex):
+        if columns.end > nk:
+            raise IndexError(f"key column {columns.end - 1} out of range for {nk} keys")
+        return columns.index.to(device=device, non_blocking=True)
+    cols = [int(c) for c in columns]  # a plain tensor is read back here: use a ColumnIndex at every step instead
     bad = [c for c in cols if not 0 <= c < nk]
     if bad:
         raise IndexError(f"key columns {bad} out of range for {nk} keys")
@@ -77,7 +104,7 @@ def attention_with_probs(
     k: Tensor,
     v: Tensor,
     heads: int,
-    columns: Sequence[int] | Tensor | None,
+    columns: Sequence[int] | ColumnIndex | None,
     *,
     upcast: bool = True,
 ) -> tuple[Tensor, Tensor]:
@@ -86,7 +113,7 @@ def attention_with_probs(
     Returns ``out [b, nq, heads*dv]`` (same as
     ``scaled_dot_product_attention`` with default scale ``1/sqrt(dh)``, in ``v``'s dtype) and
     ``probs_cols [b, heads, nq, len(columns)]`` (float32 when ``upcast``; ``columns=None``
-    returns every column; a LongTensor of columns is used as given, unchecked). Gradients flow to ``q``, ``k``
+    returns every column; every form of ``columns`` is range-checked, a ColumnIndex without a device read-back). Gradients flow to ``q``, ``k``
     and ``v`` through both outputs.
 
     ``upcast`` computes scores and softmax in float32 — a bf16/fp16 softmax is too coarse for
@@ -104,7 +131,7 @@ def attention_with_probs(
 
 
 def reference_probs(
-    q: Tensor, k_ref: Tensor, heads: int, columns: Sequence[int] | Tensor | None, *, upcast: bool = True
+    q: Tensor, k_ref: Tensor, heads: int, columns: Sequence[int] | ColumnIndex | None, *, upcast: bool = True
 ) -> Tensor:
     """Probabilities the same queries give the reference prompt's keys; **no gradient**.
 

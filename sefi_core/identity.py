@@ -9,7 +9,9 @@ File layout (format version 1), one float32 tensor per key:
                                                      fallback, so the same file works as `embedding:name`
 with <encoder> = clip_l (768) for SD1, and clip_l + clip_g (1280) for SDXL (comfyui-host.md A9). The
 safetensors `__metadata__` (all strings) holds sefi.format_version, sefi.family, sefi.stages,
-sefi.vectors_per_token, sefi.trigger, sefi.initializer, sefi.training (JSON), sefi.image_hashes (JSON list).
+sefi.vectors_per_token, sefi.trigger, sefi.initializer, sefi.training (JSON), sefi.image_hashes (JSON list) and,
+when known, sefi.embedding_norms (JSON: the mean word-embedding length of each text encoder it was trained with,
+so that loading can refuse blown-up tokens without the text encoder at hand; sefi_core.token_scale).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 
 from .atomic import atomic_write
 from .stages import MAX_STAGES, check_stages
+from .token_scale import ADVICE, check_embedding_norms, check_token_scale, token_scale_problem
 from .tokens import MAX_VECTORS_PER_TOKEN, check_trigger
 
 __all__ = [
@@ -71,6 +74,9 @@ class Identity:
     initializer: str
     training: Mapping[str, Any] = field(default_factory=dict)
     image_hashes: tuple[str, ...] = ()
+    embedding_norms: Mapping[str, float] = field(default_factory=dict)
+    """{encoder: mean word-embedding length of the text encoder it was trained with}; when given, tokens far
+    beyond it are refused here (sefi_core.token_scale)."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILY_ENCODERS:
@@ -94,10 +100,16 @@ class Identity:
         bad = [h for h in hashes if not isinstance(h, str) or not _HEX64.fullmatch(h)]
         if bad:
             raise ValueError(f"image hashes must be lowercase sha256 hex strings (see hash_image_bytes), got {bad[:3]}")
+        norms = check_embedding_norms(self.embedding_norms)
+        if not set(norms) <= set(encoders):
+            raise ValueError(f"embedding norms are for {sorted(norms)}, but a {self.family} identity has encoders "
+                             f"{list(encoders)}")
         frozen = {enc: self.tokens[enc].detach().to("cpu", copy=True).contiguous() for enc in encoders}
+        check_token_scale(frozen, norms, f"identity '{self.trigger}'")
         object.__setattr__(self, "tokens", MappingProxyType(frozen))
         object.__setattr__(self, "training", training)
         object.__setattr__(self, "image_hashes", hashes)
+        object.__setattr__(self, "embedding_norms", MappingProxyType(norms))
 
     @classmethod
     def constant(
@@ -110,6 +122,7 @@ class Identity:
         initializer: str,
         training: Mapping[str, Any] | None = None,
         image_hashes: Iterable[str] = (),
+        embedding_norms: Mapping[str, float] | None = None,
     ) -> Identity:
         """An identity whose every stage and both K and V are the given [n, C] vectors per encoder.
 
@@ -121,7 +134,8 @@ class Identity:
             if not isinstance(v, torch.Tensor) or v.ndim != 2:
                 raise ValueError(f"constant vectors for {enc!r} must be a tensor [n, C]")
             tokens[enc] = v.expand(stages, 2, *v.shape)
-        return cls(family, tokens, trigger, initializer, dict(training or {}), tuple(image_hashes))
+        return cls(family, tokens, trigger, initializer, dict(training or {}), tuple(image_hashes),
+                   dict(embedding_norms or {}))
 
     @property
     def encoders(self) -> tuple[str, ...]:
@@ -237,6 +251,8 @@ def save_identity(identity: Identity, path: str | os.PathLike[str]) -> Path:
         "sefi.image_hashes": json.dumps(list(identity.image_hashes)),
         "modelspec.title": f"SeFi identity '{identity.trigger}'",
     }
+    if identity.embedding_norms:
+        metadata["sefi.embedding_norms"] = json.dumps(dict(identity.embedding_norms), sort_keys=True)
     return atomic_write(target, lambda f: f.write(safetensors.torch.save(tensors, metadata)))
 
 
@@ -270,9 +286,17 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
     }
     training = _json_metadata(path, metadata, "sefi.training", dict)
     hashes = _json_metadata(path, metadata, "sefi.image_hashes", list)
+    norms = _json_metadata(path, metadata, "sefi.embedding_norms", dict, default="{}")
+    try:
+        norms = check_embedding_norms(norms)
+    except ValueError as e:
+        raise IdentityFileError(path, f"invalid metadata sefi.embedding_norms: {e}", _RESAVE) from e
+    blown_up = token_scale_problem(tokens, norms)
+    if blown_up:
+        raise IdentityFileError(path, f"its tokens have blown up: {blown_up}", ADVICE)
     try:
         return Identity(family, tokens, metadata.get("sefi.trigger", ""), metadata.get("sefi.initializer", ""),
-                        training, tuple(hashes))
+                        training, tuple(hashes), norms)
     except ValueError as e:
         raise IdentityFileError(path, f"invalid identity metadata: {e}", _RESAVE) from e
 
@@ -398,9 +422,9 @@ def _int_metadata(path: Path, metadata: Mapping[str, str], key: str, maximum: in
     return int(raw)
 
 
-def _json_metadata(path: Path, metadata: Mapping[str, str], key: str, kind: type) -> Any:
+def _json_metadata(path: Path, metadata: Mapping[str, str], key: str, kind: type, default: str = "") -> Any:
     try:
-        value = json.loads(metadata.get(key, ""))
+        value = json.loads(metadata.get(key, default))
     except ValueError as e:
         raise IdentityFileError(path, f"metadata {key} is not valid JSON ({e})", _RESAVE) from e
     if not isinstance(value, kind):

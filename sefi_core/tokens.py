@@ -28,6 +28,7 @@ __all__ = [
     "Slot",
     "TokenChunks",
     "check_trigger",
+    "check_trigger_apart_from_templates",
     "find_positions",
     "plan_placeholders",
     "splice_vectors",
@@ -89,6 +90,18 @@ def check_trigger(trigger: object) -> str:
             "pick a trigger without them, e.g. 'sks'"
         )
     return trigger
+
+
+def check_trigger_apart_from_templates(trigger: str, templates: Sequence[str]) -> None:
+    """Refuse a trigger that is also a word of a training prompt template outside its '{}': every occurrence
+    would become the identity (trigger 'a' in 'a photo of the face of {}'), and the training prompt would no
+    longer line up with its reference prompt."""
+    pattern = _trigger_pattern([check_trigger(trigger)])
+    for template in templates:
+        if pattern.search(template.replace("{}", " ")):
+            raise ValueError(f"the trigger {trigger!r} is also a word of the training prompt {template!r}, where "
+                             f"every {trigger!r} would become the identity; pick a trigger that is in none of the "
+                             f"prompt templates (a rare made-up word such as 'sks')")
 
 
 def quote_excerpt(text: str, at: int, width: int = 80) -> str:

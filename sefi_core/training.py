@@ -33,6 +33,7 @@ from .grad_share import backward_with_shares
 from .loss_scale import DynamicLossScale
 from .losses import ATTENTION_REDUCTIONS
 from .step_sync import PendingSteps, choose_sync
+from .token_scale import token_scale_problem
 from .train_state import TrainState
 
 __all__ = [
@@ -322,6 +323,34 @@ def _make_optimizer(params: list[nn.Parameter], settings: TrainSettings, fused: 
     )
 
 
+def _in_this_runs_mode(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A saved optimiser state whose param groups take every option from this run's optimiser: its hyper-parameters
+    and its implementation (fused / foreach / capturable), which load_state_dict would otherwise restore from the
+    checkpoint. A checkpoint written on the CPU (single-tensor) and resumed where the fused AdamW reads its skip flag
+    from the device would then run the wrong kernel (an AssertionError at the first step), and the reverse would
+    keep the fused path the CPU's exact resume does not cover. Loading with this run's flags also puts each Adam
+    step count where this run's kernel wants it. Older checkpoints may lack some of these keys."""
+    groups = saved.get("param_groups", [])
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"the checkpoint's optimiser has {len(groups)} parameter group(s), this run's has "
+                         f"{len(optimizer.param_groups)}")
+    ours = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    return {**saved, "param_groups": [{**theirs, **mine} for theirs, mine in zip(groups, ours)]}
+
+
+def _blown_up(generator: nn.Module, token_norms: Mapping[str, float] | None) -> str | None:
+    """What is wrong with the generator's tokens against token_norms (sefi_core.token_scale), or None."""
+    if not token_norms:
+        return None
+    was_training = generator.training
+    generator.eval()  # the tokens the identity would get (no dropout): no draw from any RNG either
+    try:
+        with torch.no_grad():
+            return token_scale_problem(generator(), token_norms)
+    finally:
+        generator.train(was_training)
+
+
 def _cpu_copy(obj: Any) -> Any:
     if isinstance(obj, Tensor):
         return obj.detach().to("cpu", copy=True)
@@ -356,6 +385,7 @@ def run_training(
     interrupts: tuple[type[BaseException], ...] = (),
     fused: bool | None = None,
     sync_every: int | None = None,
+    token_norms: Mapping[str, float] | None = None,
 ) -> TrainResult:
     """Train ``generator`` for ``settings.steps`` steps (continuing from ``start_state``).
 
@@ -392,7 +422,13 @@ def run_training(
     Resuming: ``start_state`` restores the generator and the Adam moments exactly. Settings
     that change the trajectory (anything except ``steps`` and ``checkpoint_every``) should
     match the run that wrote it; a mismatch only warns, and the optimiser hyper-parameters
-    of ``settings`` win.
+    of ``settings`` win, as does this run's optimiser mode (``fused`` / foreach, whichever wrote the checkpoint).
+
+    ``token_norms`` (``{encoder: mean word-embedding length}`` of the text encoders, :mod:`sefi_core.token_scale`):
+    a run can blow its tokens up to finite but enormous values (~1e30) that no NaN check sees and that sample
+    black pictures. Every checkpoint (and the final state) is measured against it first: tokens far beyond it stop
+    the run with :class:`TrainingDivergedError` and nothing is written; a ``start_state`` holding such tokens is
+    refused with a ``ValueError``.
     """
     settings.validate()
     params = _trainable(generator)
@@ -404,10 +440,12 @@ def run_training(
     parts_history: list[dict[str, float]] = []
     if start_state is not None:
         generator.load_state_dict(start_state.generator)
-        optimizer.load_state_dict(start_state.optimizer)
-        for group in optimizer.param_groups:  # the current settings decide the hyper-parameters
-            group.update(lr=settings.lr, betas=settings.adam_betas, eps=settings.adam_eps,
-                         weight_decay=settings.weight_decay)
+        blown_up = _blown_up(generator, token_norms)
+        if blown_up:
+            raise ValueError(f"the checkpoint (step {start_state.step}) holds tokens that have blown up: {blown_up}. "
+                             "It was written by a diverged run: resume from a checkpoint written before it diverged, "
+                             "or start a new run with a lower learning_rate")
+        optimizer.load_state_dict(_in_this_runs_mode(start_state.optimizer, optimizer))
         step0 = int(start_state.step)
         history = [float(x) for x in start_state.loss_history]
         parts_history = [dict(p) for p in start_state.parts_history]
@@ -469,6 +507,12 @@ def run_training(
 
     def checkpoint() -> TrainState:
         nonlocal last_saved
+        if last_saved != step:
+            blown_up = _blown_up(generator, token_norms)
+            if blown_up:
+                loss = history[-1] if history else math.nan
+                raise TrainingDivergedError(step, settings.steps, loss, parts_history[-1] if parts_history else {},
+                                            f"the tokens have blown up: {blown_up}", settings, last_saved)
         state = snapshot()
         if save_checkpoint is not None and last_saved != step:
             save_checkpoint(state)

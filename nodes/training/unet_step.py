@@ -44,7 +44,7 @@ class UnetStep:
         self.latent_hw = latent_hw
         self.adm = adm  # SDXL: the U-Net's `y` input [1, adm_channels] (pooled clip_g + size embeddings)
         self._compiled: set[int] = set()  # ids of the blocks `compiled` wraps, while it is active
-        self._indices: dict[tuple, Tensor] = {}  # key-column index tensors by (columns, device)
+        self._indices: dict[tuple, attn_core.ColumnIndex] = {}  # key-column indices by (columns, device)
         self.st = SimpleNamespace(values=None, ref=None, tcols=None, rcols=None, records=[], spy=None)
         self.clone.set_model_attn2_patch(self._patch)
         self.sites = self._discover(context_dim)
@@ -121,14 +121,14 @@ class UnetStep:
             st.values = st.ref = None
             st.records = []
 
-    def _device_index(self, columns, device) -> Tensor | None:
-        if columns is None or isinstance(columns, Tensor):
+    def _device_index(self, columns, device) -> attn_core.ColumnIndex | None:
+        if columns is None or isinstance(columns, attn_core.ColumnIndex):
             return columns
         key = (tuple(int(c) for c in columns), str(device))
         index = self._indices.get(key)
         if index is None:
             with torch.inference_mode(False):  # saved for backward by index_select: no inference tensor
-                index = self._indices[key] = torch.tensor(key[0], dtype=torch.long).to(device)
+                index = self._indices[key] = attn_core.column_index(key[0], device)
         return index
 
     @contextlib.contextmanager

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from sefi_core.attention import (
     attention_with_probs,
+    column_index,
     grid_shape,
     mask_to_grid,
     probs_to_grid,
@@ -99,6 +100,20 @@ def test_bad_inputs_raise() -> None:
         attention_with_probs(q, k, v, heads=4, columns=[77])
     with pytest.raises(ValueError, match="not divisible"):
         attention_with_probs(q, k, v, heads=5, columns=[0])
+
+
+@pytest.mark.parametrize("form", ["tensor", "column_index"])
+def test_column_indices_of_every_form_are_range_checked(form: str) -> None:
+    """On CUDA an unchecked out-of-range index is a device-side assert that kills the process's CUDA context:
+    every form is checked before index_select, with the same message."""
+    q, k, v = _qkv()
+    make = {"tensor": lambda cols: torch.tensor(cols), "column_index": lambda cols: column_index(cols, "cpu")}[form]
+    with pytest.raises(IndexError, match=r"key columns? \[?77\]? out of range for 77 keys"):
+        attention_with_probs(q, k, v, heads=4, columns=make([3, 77]))
+    with pytest.raises(IndexError, match="out of range for 77 keys|negative"):
+        reference_probs(q, k, heads=4, columns=make([-1]))
+    _, probs = attention_with_probs(q, k, v, heads=4, columns=make([3, 76]), upcast=False)
+    torch.testing.assert_close(probs, _full_softmax(q, k, 4)[..., [3, 76]])
 
 
 @pytest.mark.parametrize(

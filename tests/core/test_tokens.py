@@ -17,6 +17,7 @@ from sefi_core.tokens import (
     Placeholder,
     Slot,
     check_trigger,
+    check_trigger_apart_from_templates,
     find_positions,
     plan_placeholders,
     splice_vectors,
@@ -110,6 +111,18 @@ def test_bad_vector_counts_are_refused(bad_n: object) -> None:
 def test_bad_triggers_are_refused(trigger: object, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
         check_trigger(trigger)
+
+
+@pytest.mark.parametrize(("trigger", "template"), [("a", "a photo of the face of {}"), ("face", "the face of {}"),
+                                                  ("of", "a photo of {}, close-up"), ("photo", "{} photo")])
+def test_a_trigger_that_is_a_word_of_a_template_is_refused(trigger: str, template: str) -> None:
+    with pytest.raises(ValueError, match=f"the trigger '{trigger}' is also a word of the training prompt"):
+        check_trigger_apart_from_templates(trigger, ["a good photo of {}", template])
+
+
+@pytest.mark.parametrize("trigger", ["sks", "A", "phot", "faces", "of-x"])  # case-sensitive whole words only
+def test_a_trigger_apart_from_the_templates_passes(trigger: str) -> None:
+    check_trigger_apart_from_templates(trigger, ["a photo of the face of {}", "a close-up of {}"])
 
 
 @pytest.mark.parametrize("trigger", ["sks", "<sks>", "my_face", "cat-toy", "Élodie"])

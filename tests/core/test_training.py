@@ -313,6 +313,55 @@ def test_non_finite_gradient_is_divergence_too() -> None:
     assert _same_tensors(gen.state_dict(), before)
 
 
+TOY_NORMS = {"clip_l": 0.5 * C**0.5}  # the toy's "word embeddings" (the initializer) are N(0, 0.5²) vectors
+
+
+def test_tokens_that_blow_up_are_never_checkpointed(tmp_path: Path) -> None:
+    """lr 1e9: the loss stays finite while the tokens reach ~1e10, which no NaN check sees and which samples black
+    pictures. The first checkpoint measures them against the text encoder's scale and stops the run instead of
+    keeping them (the last good checkpoint stays)."""
+    ckpt = tmp_path / "train.safetensors"
+    saved: list[int] = []
+
+    def save(state) -> None:
+        saved.append(state.step)
+        save_train_state(state, ckpt)
+
+    run_training(_generator(kind="direct"), Toy(), _settings(steps=2, checkpoint_every=2, lr=1e-2),
+                 save_checkpoint=save, token_norms=TOY_NORMS)
+    assert saved == [2]
+    state = load_train_state(ckpt)
+    with pytest.raises(TrainingDivergedError) as info:
+        run_training(rebuild_generator(state.generator_config), Toy(), _settings(steps=6, checkpoint_every=2,
+                     lr=1e9), start_state=state, save_checkpoint=save, token_norms=TOY_NORMS)
+    msg = str(info.value)
+    assert "training diverged at step 4/6: the tokens have blown up: clip_l vectors are up to" in msg
+    assert "the last checkpoint (step 2) was left untouched" in msg and "lower learning_rate (now 1e+09)" in msg
+    assert saved == [2] and load_train_state(ckpt).step == 2
+    with pytest.raises(TrainingDivergedError, match="blown up"):  # the final state is measured too
+        run_training(_generator(kind="direct"), Toy(), _settings(steps=3, checkpoint_every=0, lr=1e9),
+                     token_norms=TOY_NORMS)
+
+
+def test_a_checkpoint_with_blown_up_tokens_is_refused(tmp_path: Path) -> None:
+    state = run_training(_generator(kind="direct"), Toy(), _settings(steps=2, checkpoint_every=0)).state
+    for key in state.generator:
+        state.generator[key] = state.generator[key] * 1e12
+    with pytest.raises(ValueError, match=r"the checkpoint \(step 2\) holds tokens that have blown up: clip_l "
+                                         r"vectors .*written before it diverged.*lower learning_rate"):
+        run_training(rebuild_generator(state.generator_config), Toy(), _settings(steps=4), start_state=state,
+                     token_norms=TOY_NORMS)
+
+
+def test_measuring_the_tokens_changes_no_bit() -> None:
+    plain = run_training(_generator(), Toy("reference"), _settings(steps=8, checkpoint_every=3),
+                         save_checkpoint=lambda s: None)
+    measured = run_training(_generator(), Toy("reference"), _settings(steps=8, checkpoint_every=3),
+                            save_checkpoint=lambda s: None, token_norms=TOY_NORMS)
+    assert measured.loss_history == plain.loss_history
+    assert _same_tensors(measured.state.generator, plain.state.generator)
+
+
 # ----------------------------------------------------------------------------- checkpoint file
 
 

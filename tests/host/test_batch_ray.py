@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from batch import cli
+from tools.dev_requirements import import_required
 
-ray = pytest.importorskip("ray", reason="needs the ray extra (pip install 'sefi-ide[ray]')")
-pytest.importorskip("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")
+ray = import_required("ray", reason="needs the ray extra (pip install 'sefi-ide[ray]')")
+import_required("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")
 from batch import ray_engine  # noqa: E402  (needs ray)
 
 STEPS, EVERY = 6, 2

@@ -12,8 +12,9 @@ import pytest
 from batch import cli, comfy_client, http_engine, people as batch_people
 from batch.host_base import UPLOAD_FOLDER
 from tools import embedded_host
+from tools.dev_requirements import import_required
 
-pytest.importorskip("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")
+import_required("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")
 
 FAST = ["--steps", "2", "--resolution", "64", "--set", "parametrisation=direct tokens", "--set", "stages=1",
         "--face-backend", "dlib"]

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")
-pytest.importorskip("cv2", reason="the face core needs opencv-python-headless")
+from tools.dev_requirements import import_required
+
+import_required("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")
+import_required("cv2", reason="the face core needs opencv-python-headless")
 
 NODE = "SeFiFaceMask"
 CROP = 160
@@ -38,7 +40,7 @@ def _load(path, mode=None) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def photos(faces_dir):
-    skdata = pytest.importorskip("skimage.data", reason="scikit-image ships the astronaut photo")
+    skdata = import_required("skimage.data", reason="scikit-image ships the astronaut photo")
     astronaut = torch.from_numpy(skdata.astronaut().astype(np.float32) / 255.0)[None]
     return {
         "one": _load(faces_dir / ONE_FACE),

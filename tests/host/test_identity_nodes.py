@@ -234,10 +234,43 @@ def test_two_identities_in_one_prompt(host, sd15, pack):
                  start_percent=0.0, end_percent=1.0, identity_2=b)
 
 
+def test_a_shared_trigger_says_to_retrain_and_a_double_connection_says_so(host, sd15, pack, tmp_path):
+    """The trigger lives inside the identity file: renaming a file never helps, retraining one does. One identity
+    connected twice (the same object, or two loads of one file) is a wiring slip, not a trigger clash."""
+    model, clip, _ = sd15
+    ident = pack.core("identity")
+    a, other = _identity(pack, 8, trigger="zwx"), _identity(pack, 9, trigger="zwx")
+    with pytest.raises(ValueError) as info:
+        _apply(host, model, clip, a, text="sks and zwx", identity_3=other)
+    msg = str(info.value)
+    assert "identity and identity_3 are two identities with the same trigger word 'zwx'" in msg
+    assert "train one of them again with another trigger" in msg and "rename" not in msg.replace("renaming", "")
+    path = ident.save_identity(a, tmp_path / "a.safetensors")
+    for twice in (a, ident.load_identity(path)):
+        with pytest.raises(ValueError) as info:
+            _apply(host, model, clip, a, text="zwx", identity_4=twice)
+        msg = str(info.value)
+        assert "identity and identity_4 are the same identity ('zwx'): it is connected twice" in msg
+        assert "train" not in msg
+
+
 def test_family_mismatch_is_a_clear_error(host, sd15, pack):
     model, clip, _ = sd15
     with pytest.raises(ValueError, match="SDXL.*SD1"):
         _apply(host, model, clip, _identity(pack, 11, family="sdxl"))
+
+
+def test_blown_up_tokens_are_refused_against_the_clips_own_scale(host, sd15, pack):
+    """A diverged run's finite ~1e30 tokens, in an identity that records no embedding scale (an older file): the
+    CLIP's own table is the yardstick, so the sampler never gets to make a black picture of them."""
+    model, clip, _ = sd15
+    good = _identity(pack, 12)
+    blown = pack.core("identity").Identity("sd1", {"clip_l": good.tokens["clip_l"] * 1e30}, "zwx", "person")
+    with pytest.raises(ValueError, match=r"identity_2 'zwx': its tokens have blown up: clip_l vectors are up to "
+                                         r"\S+ long, \S+ times the mean length of the text encoder's word embeddings "
+                                         r"\(0\.55\d*;.*lower learning_rate"):
+        _apply(host, model, clip, good, text="sks and zwx", identity_2=blown)
+    _apply(host, model, clip, good, text="sks")
 
 
 def test_composes_with_an_attn2_replace_pack_and_a_controlnet(host, sd15, pack, tiny_controlnet):

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")
-pytest.importorskip("cv2", reason="the face core needs opencv-python-headless")
+from tools.dev_requirements import import_required
+
+import_required("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")
+import_required("cv2", reason="the face core needs opencv-python-headless")
 
 NODE = "SeFiIdentityScore"
 SIDE = 320
@@ -84,8 +87,33 @@ def test_bad_input_errors_say_what_to_do(host, batches):
         run(host, gen, refs, prompts="one\ntwo")
     with pytest.raises(ValueError, match="No face found in any of the 1 reference"):
         run(host, gen, gen[2:])
-    with pytest.raises(ValueError, match="clip_weights|--clip-weights"):
-        run(host, gen, refs, prompts="x", clip_weights="/nonexistent/clip.bin")
+    with pytest.raises(ValueError, match="clip_weights='clip/missing.bin': no such file in ComfyUI's models folder"):
+        run(host, gen, refs, prompts="x", clip_weights="clip/missing.bin")
+
+
+def test_clip_weights_stay_inside_the_models_folders(host, batches, tmp_path):
+    """Any path on disk was read, and the two errors told whether a file exists: now a path elsewhere is refused
+    from its text, in one message for all; a file inside the models folder is taken."""
+    gen, refs = batches
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    messages = set()
+    for outside in (str(readme), "/etc/passwd", "../../../../etc/passwd", str(tmp_path / "missing.bin"), "~/x.bin",
+                    "C:\\x.bin", "clip/../../README.md", "clip//x.bin"):
+        with pytest.raises(ValueError) as info:
+            run(host, gen, refs, prompts="x", clip_weights=outside)
+        messages.add(str(info.value))
+    assert len(messages) == 1, messages
+    assert "clip_weights must be a path inside ComfyUI's models folder" in messages.pop()
+    inside = Path(host.folder_paths.models_dir) / "clip" / "sefi-not-weights.bin"
+    inside.parent.mkdir(parents=True, exist_ok=True)
+    inside.write_bytes(b"not weights")
+    try:  # found and handed to open_clip: loads, or fails to load with the reason (never "elsewhere")
+        text = run(host, gen, refs, prompts="x", clip_weights="clip/sefi-not-weights.bin")[1]
+        assert "prompt fidelity: not available" in text
+    except ValueError as err:
+        assert "Could not load" in str(err) and "sefi-not-weights.bin" in str(err)
+    finally:
+        inside.unlink()
 
 
 def test_runs_in_a_server_graph(server, faces_dir):

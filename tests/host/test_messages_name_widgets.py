@@ -117,7 +117,7 @@ def test_score_messages_never_cite_cli_flags_nor_torch_advice(host, pack, tmp_pa
     refs = torch.full((1, 64, 64, 3), 0.5)
     with pytest.raises(ValueError) as info:
         host.run("SeFiIdentityScore", images=refs, reference_images=refs, backend="dlib", reference_mode="mean",
-                 text_format="table", prompts="x", clip_weights=str(tmp_path / "missing.bin"))
+                 text_format="table", prompts="x", clip_weights="clip/missing.bin")
     msg = str(info.value)
     check(host, "SeFiIdentityScore", msg)
     assert "clip_weights" in msg and "clip_model" in msg

@@ -27,6 +27,7 @@ import pytest
 
 from tools import embedded_host
 from tools import workflow_builder as wb
+from tools.dev_requirements import import_required
 
 CHROMIUM = Path(os.environ.get("SEFI_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -39,7 +40,7 @@ UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, 
                "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.2,
                "Comfy.Workflow.WorkflowTabsPosition": "Sidebar"}
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed: "
+sync_api = import_required("playwright.sync_api", reason="Playwright for Python is not installed: "
                                "pip install playwright (requirements-dev.txt); never run `playwright install`")
 if not CHROMIUM.is_file():
     pytest.skip(f"chromium not found at {CHROMIUM}: apt-get install -y chromium (or set SEFI_CHROMIUM)",

@@ -15,7 +15,9 @@ import urllib.error
 import pytest
 
 from tools import workflow_builder as wb
+from tools import workflow_builder as wb
 from batch.comfy_client import output_files
+from tools.dev_requirements import import_required
 
 NAMES = ("01_train_identity", "02_generate_with_identity", "03_reenactment_controlnet", "04_multiview",
          "05_two_identities", "06_liveportrait_chain")
@@ -275,7 +277,7 @@ def images_of(entry: dict, node_id: str) -> list[dict]:
 def staged(server, faces_dir, tiny_sd15, tiny_controlnet):
     """The photos under the names the workflows use (downscaled: the tests need speed, not detail), and the
     tiny ControlNet in models/controlnet."""
-    pytest.importorskip("dlib", reason="SeFiFaceMask's offline backend needs dlib-bin")
+    import_required("dlib", reason="SeFiFaceMask's offline backend needs dlib-bin")
     from PIL import Image
     inputs = server.base_dir / "input"
     inputs.mkdir(parents=True, exist_ok=True)
