@@ -46,15 +46,21 @@ def _meta_state_dict(make) -> dict[str, torch.Tensor]:
         return make().state_dict()
 
 
-def randomise(shapes: dict[str, torch.Tensor], generator: torch.Generator, dtype=torch.float16) -> dict[str, torch.Tensor]:
-    """Norm weights 1, biases 0, the rest N(0, 0.02): finite, deterministic, roughly unit-scale activations."""
+def randomise(shapes: dict[str, torch.Tensor], generator: torch.Generator, dtype=torch.float16,
+              special=None) -> dict[str, torch.Tensor]:
+    """Norm weights 1, biases 0, the rest N(0, 0.02): finite, deterministic, roughly unit-scale activations.
+    `special(key, meta, generator)` may return a key's value first (None: the rule above); keys are visited in sorted
+    order, so the generator's draws are the same for the same shapes and rules."""
     out = {}
     for key in sorted(shapes):
         meta = shapes[key]
         if not meta.is_floating_point():
             out[key] = torch.arange(meta.shape[-1], dtype=meta.dtype).expand(meta.shape).clone()  # position_ids
             continue
-        if key.endswith("logit_scale"):
+        value = None if special is None else special(key, meta, generator)
+        if value is not None:
+            pass
+        elif key.endswith("logit_scale"):
             value = torch.full(meta.shape, 4.6055)
         elif key.endswith("bias") or key.endswith("vae_shift"):
             value = torch.zeros(meta.shape)

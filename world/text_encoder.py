@@ -16,34 +16,25 @@ import torch
 SEED = 1234
 TOKEN_STD = 0.014      # real CLIP-L's token embeddings: std ≈ 0.014
 POSITION_STD = 0.004   # weak: a word reads the same wherever it stands
-OTHER_STD = 0.02
 LAYER_NORM_EPS = 1e-5
 _ZERO_SUFFIXES = ("out_proj.weight", "out_proj.bias", "fc2.weight", "fc2.bias")
 
 
 def construct(shapes: dict[str, torch.Tensor], seed: int = SEED, dtype=torch.float16) -> dict[str, torch.Tensor]:
-    """Values for the host's CLIP-L state dict whose keys/shapes are `shapes` (meta tensors are fine)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key in sorted(shapes):
-        meta = shapes[key]
-        if not meta.is_floating_point():
-            out[key] = torch.arange(meta.shape[-1], dtype=meta.dtype).expand(meta.shape).clone()  # position_ids
-            continue
-        if key.endswith("logit_scale"):
-            value = torch.full(meta.shape, 4.6055)
-        elif key.endswith(_ZERO_SUFFIXES) or key.endswith("bias"):
-            value = torch.zeros(meta.shape)
-        elif meta.dim() == 1:
-            value = torch.ones(meta.shape)
-        elif key.endswith("token_embedding.weight"):
-            value = torch.randn(meta.shape, generator=g) * TOKEN_STD
-        elif key.endswith("position_embedding.weight"):
-            value = torch.randn(meta.shape, generator=g) * POSITION_STD
-        else:
-            value = torch.randn(meta.shape, generator=g) * OTHER_STD
-        out[key] = value.to(dtype)
-    return out
+    """Values for the host's CLIP-L state dict whose keys/shapes are `shapes` (meta tensors are fine): the tiny
+    checkpoints' rules (tools/tiny_checkpoints.randomise) with zero residual-branch ends and the two embedding scales."""
+    from tools.tiny_checkpoints import randomise
+
+    def special(key: str, meta: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:
+        if key.endswith(_ZERO_SUFFIXES):
+            return torch.zeros(meta.shape)
+        if key.endswith("token_embedding.weight"):
+            return torch.randn(meta.shape, generator=g) * TOKEN_STD
+        if key.endswith("position_embedding.weight"):
+            return torch.randn(meta.shape, generator=g) * POSITION_STD
+        return None
+
+    return randomise(shapes, torch.Generator().manual_seed(seed), dtype, special)
 
 
 class WordTable:
