@@ -24,7 +24,8 @@ NOT_WIDGETS = {
     "file_name", "loss_curve", "open_clip",
     "loss", "diffusion", "attention", "grad_norm", "loss_scale",  # reported values (loss parts), not settings
 }
-SNAKE = re.compile(r"(?<![\w.\-/])([a-z][a-z0-9]*(?:_[a-z0-9]+)+)(?![\w/])")
+# a name followed by ".ext" is a file the message names (extra_model_paths.yaml), not a setting
+SNAKE = re.compile(r"(?<![\w.\-/])([a-z][a-z0-9]*(?:_[a-z0-9]+)+)(?![\w/]|\.\w)")
 SETTING = re.compile(r"(?<![\w.\-/])([a-z][a-z0-9_]*)=")
 FORBIDDEN = [re.compile(r"(?<![\w-])--[a-z]"), re.compile(r"weights_only"), re.compile(r"\bselect=")]
 
