@@ -38,9 +38,9 @@ def construct(shapes: dict[str, torch.Tensor], dtype: torch.dtype = torch.float3
     _check_shapes(shapes)
     out = {key: torch.zeros(meta.shape) for key, meta in shapes.items()}
     for key, value in out.items():
-        if key.endswith(".norm1.weight") or key.endswith(".norm2.weight") or key.endswith(".norm.weight"):
+        if key.endswith((".norm1.weight", ".norm2.weight", ".norm.weight")):
             value.fill_(1.0)   # inside residual branches that add 0: any finite value does
-        elif key.endswith("nin_shortcut.weight") or key.endswith("quant_conv.weight"):
+        elif key.endswith(("nin_shortcut.weight", "quant_conv.weight")):
             _diagonal(value)[..., 0, 0] = 1.0          # 1 × 1: keep the first channels
         elif key.endswith("downsample.conv.weight"):
             _diagonal(value)[..., :2, :2] = 0.25       # the host pads right/bottom, then strides 2: 2 × 2 average
