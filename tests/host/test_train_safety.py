@@ -6,6 +6,7 @@ all would fail with an AttributeError instead of the expected message."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,19 +77,41 @@ def _interrupted_run(host, sd15, photo, pack, name, at_step=1, **kw):
     ("trailing.", "end with"),
     ("trailing ", "end with"),
     (" leading", "start or end"),
-    ("what?", "Windows does not allow"),
-    ('quote"d', "Windows does not allow"),
-    ("a:b", "Windows does not allow"),
-    ("a<b>", "Windows does not allow"),
+    ("what?", "contains '?'"),
+    ('quote"d', "contains '\"'"),
+    ("a:b", "contains ':'"),
+    ("a<b>", "contains '<' '>'"),
+    ("a#b", "contains '#'"),
+    ("50%", "contains '%'"),
+    ("x²", "contains '²'"),
+    ("CONIN$", "device name"),
+    ("conout$.txt", "device name"),
+    ("COM¹", "device name"),
+    ("LPT³", "device name"),
+    ("COM0", "device name"),
+    ("NUL", "device name"),
     (".hidden", "must not start with '.'"),
     ("", "empty"),
 ])
 def test_bad_names_are_refused_before_any_work(host, pack, photo, bad, why):
-    with pytest.raises(ValueError, match=why) as info:
+    with pytest.raises(ValueError, match=re.escape(why)) as info:
         _refused(host, photo, name=bad)
     msg = str(info.value)
     assert "a valid name is a plain file name such as 'my_face'" in msg
     assert len(msg) < 600
+
+
+@pytest.mark.parametrize("good", ["John Smith", "Élodie", "李小龙", "my-face_2.v1", "Zoë O Brien", "नमस्ते"])
+def test_the_hint_and_the_check_are_one_rule(pack, good):
+    """Everything the hint allows passes (letters of any script, digits, '-', '_', '.', inner spaces), and the
+    hint names every device name the check refuses, each once."""
+    policies = pack.glue("train_policies")
+    assert policies.check_name(good) == good
+    listed = policies.VALID_NAME_HINT.split("Windows device name (")[1].split(")")[0].split(", ")
+    assert sorted(listed) == sorted(["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$", "COM0-COM9", "LPT0-LPT9",
+                                     "COM¹-COM³", "LPT¹-LPT³"])
+    refused = {n for n in policies.WINDOWS_DEVICES}
+    assert {"CON", "NUL", "COM1", "COM¹", "LPT³", "CONIN$"} <= refused
 
 
 def test_the_longest_valid_name_writes_all_its_files(host, sd15, pack, photo):
