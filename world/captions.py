@@ -1,8 +1,8 @@
 """Captions from the world's closed vocabulary, and the requests that prompts make of a picture.
 
 Captions read like real ones ("a photo of a person with red hair on a beach", "a close-up photo of the face of a
-person"), name a random part of what the picture shows (unnamed things are random draws, so the model learns each
-word's effect on its own), and include the reference prompt's words ("a photo of the face of person"). About one
+person"), name a random part of what the picture shows — never a worded look its framing hides — (unnamed things
+are random draws, so the model learns each word's effect on its own), and include the reference prompt's words ("a photo of the face of person"). About one
 picture in seven shows no person at all, so the word "person" carries information: it marks where the person is.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .render import (FRAMINGS, Facts, HORIZONS, SCENES, WORDED_HAIR, EYES, Person, held_out_identities, place,
-                     pretraining_identity, random_look)
+from .render import (FRAMINGS, Facts, HORIZONS, SCENES, VISIBLE_LOOK, WORDED_HAIR, EYES, Person, held_out_identities,
+                     place, pretraining_identity, random_look)
 
 SCENE_NOUN = {"studio": "an empty studio", "beach": "a beach", "forest": "a forest", "snow": "a snowy field",
               "city": "a city street", "night": "the night sky", "library": "a library"}
@@ -82,6 +82,10 @@ def mentioned(facts: Facts, rng: np.random.Generator) -> Request:
     look: dict = {}
     for name in ("hair", "eyes", "glasses", "hat", "smiling"):
         value = getattr(p.look, name)
+        # Only what the framing shows is named: a word whose effect is invisible in a third of its captions (eyes
+        # or a smile in a wide shot) is a weaker signal than this U-Net's two-hour budget can pick up.
+        if name not in VISIBLE_LOOK[p.framing]:
+            continue
         if rng.random() < 0.5 and not (name == "hair" and value == "grey") and value is not False:
             look[name] = value
     if p.look.old and rng.random() < 0.6:

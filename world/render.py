@@ -31,7 +31,9 @@ HAIR = {"black": (0.08, 0.06, 0.05), "blonde": (0.98, 0.90, 0.35), "red": (0.85,
         "grey": (0.62, 0.62, 0.62)}
 WORDED_HAIR = ("black", "blonde", "red")      # grey hair is what "old" looks like, never asked for by colour
 EYES = {"blue": (0.10, 0.30, 1.00), "green": (0.05, 0.85, 0.25), "brown": (0.45, 0.22, 0.02)}
-MOUTH = {True: (1.00, 0.45, 0.65), False: (0.55, 0.10, 0.15)}     # smiling, neutral
+# Smiling shows teeth: a near-white mouth against the neutral dark one. (The first world used pink vs dark red, a
+# change of 0.75 in RGB on one or two cells; its model never learned the word — docs/world.md, "smiling".)
+MOUTH = {True: (1.00, 0.95, 0.90), False: (0.45, 0.00, 0.05)}     # smiling, neutral
 GLASSES = (0.00, 0.80, 0.80)
 HAT = (0.95, 0.55, 0.00)
 MARK = (0.60, 0.00, 0.60)

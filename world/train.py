@@ -174,10 +174,10 @@ def write_weights(ema: dict[str, torch.Tensor], out_dir: Path, history: list[dic
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=_rounds, default=(1200, 2400, 3600),
+    parser.add_argument("--steps", type=_rounds, default=(3000,),
                         help="the step to train to; several (e.g. 1200,2400) train in rounds: each round resumes "
                              "the last and runs its own cosine schedule to its step "
-                             "(the committed model: 1200,2400,3600)")
+                             "(the committed model: one 3000-step schedule)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--run-dir", type=Path, default=Path(".cache/world-train"),

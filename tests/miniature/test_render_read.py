@@ -72,6 +72,23 @@ def test_captions_name_what_the_picture_shows():
         "a close-up photo of the face of a sks person on a beach"
 
 
+def test_captions_never_name_a_look_the_framing_hides():
+    """A wide shot shows no eyes, glasses or mouth: a caption that named them would teach the word nothing."""
+    rng = np.random.default_rng(6)
+    named_in_close_ups = set()
+    for _ in range(600):
+        facts, caption = training_pair(rng)
+        if facts.person is None:
+            continue
+        words = {"eyes": " eyes", "glasses": "glasses", "smiling": "smiling"}
+        said = {name for name, word in words.items() if word in caption}
+        if facts.person.framing == "wide":
+            assert not said, (caption, facts)
+        else:
+            named_in_close_ups |= said
+    assert named_in_close_ups == {"eyes", "glasses", "smiling"}
+
+
 def test_scores_are_exact_on_rendered_pictures():
     rng = np.random.default_rng(8)
     person = held_out_identities()[0]
