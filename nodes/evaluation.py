@@ -13,7 +13,7 @@ import torch
 
 from . import host
 from .edges import checked_inputs
-from .faces import BACKENDS, CATEGORY, INSIGHTFACE_PACKS, _core, _detect_cached, _make_backend
+from .faces import BACKENDS, CATEGORY, INSIGHTFACE_PACKS, detect_cached, face_core, make_backend
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class _CachedBackend:
 
     def detect(self, image: np.ndarray, descriptors: bool = True) -> list:
         host.raise_if_interrupted()
-        return _detect_cached(self.engine, image, descriptors)
+        return detect_cached(self.engine, image, descriptors)
 
 
 CLIP_WEIGHTS_EXAMPLE = "clip/open_clip_vit_b32.safetensors"
@@ -112,13 +112,13 @@ class SeFiIdentityScore:
             images=images, reference_images=reference_images, backend=backend, reference_mode=reference_mode,
             text_format=text_format, prompts=prompts, clip_weights=clip_weights, clip_model=clip_model,
             insightface_pack=insightface_pack))
-        core = _core()
+        core = face_core()
         from ..sefi_core import eval as ev
 
         options = core.FaceMaskOptions(backend=backend, insightface_pack=insightface_pack,
                                        insightface_roots=tuple(host.insightface_roots()),
                                        device=str(host.torch_device()))
-        engine = _CachedBackend(_make_backend(core, options))
+        engine = _CachedBackend(make_backend(core, options))
         singles = core.split_batch(images)
         refs = core.split_batch(reference_images)
         prompt_list, note = None, ""

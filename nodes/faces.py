@@ -65,7 +65,7 @@ def _cv2_imports() -> bool:
     return True
 
 
-def _core():
+def face_core():
     """sefi_core.faces, or an error that says which package to install."""
     try:
         from ..sefi_core import faces
@@ -91,7 +91,7 @@ def _backend_key(engine) -> tuple:
     return (type(engine).__qualname__, repr(sorted((k, repr(v)) for k, v in state.items())))
 
 
-def _detect_cached(engine, rgb: np.ndarray, descriptors: bool) -> list:
+def detect_cached(engine, rgb: np.ndarray, descriptors: bool) -> list:
     digest = hashlib.blake2b(np.ascontiguousarray(rgb).tobytes(), digest_size=16).hexdigest()
     key = (_backend_key(engine), bool(descriptors), rgb.shape, digest)
     with _detections_lock:
@@ -106,7 +106,7 @@ def _detect_cached(engine, rgb: np.ndarray, descriptors: bool) -> list:
     return list(faces)
 
 
-def _make_backend(core, options):
+def make_backend(core, options):
     """options.make_backend(), except that an explicit insightface request reports a missing package *and* a
     missing pack in one message (the pack's message names the exact folder to create)."""
     if options.backend == "insightface":
@@ -182,7 +182,7 @@ class SeFiFaceMask:
             image=image, backend=backend, which_face=which_face, face_index=face_index, mask_shape=mask_shape,
             grow=grow, feather=feather, crop_size=crop_size, crop_margin=crop_margin, on_no_face=on_no_face,
             insightface_pack=insightface_pack))
-        core = _core()
+        core = face_core()
         options = core.FaceMaskOptions(
             backend=backend, select=which_face, index=face_index, mask_shape=mask_shape, grow=grow,
             feather=float(feather), crop_size=crop_size, crop_margin=crop_margin, on_no_face=on_no_face,
@@ -195,13 +195,13 @@ class SeFiFaceMask:
         if len(sizes) > 1:  # only possible from Python: a ComfyUI IMAGE batch has one size
             raise ValueError(f"SeFi Face Mask got images of different sizes {sizes}; one MASK batch needs one "
                              "size. Scale them to one size first (e.g. ImageScale) or run them separately.")
-        engine = _make_backend(core, options)
+        engine = make_backend(core, options)
 
         progress = host.progress_bar(len(singles))
         faces = []
         for single in singles:
             host.raise_if_interrupted()
-            faces.append(_detect_cached(engine, core.to_rgb_uint8(single), options.descriptors))
+            faces.append(detect_cached(engine, core.to_rgb_uint8(single), options.descriptors))
             progress.update(1)
         out = core.build_face_outputs(singles, options, backend=engine, faces=faces)
         for note in out.warnings:
