@@ -2,10 +2,47 @@
 preview through the host's progress hook, step snapshots and the attention-map picture."""
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 
 RES = 64
+
+
+@contextlib.contextmanager
+def progress_messages(hostmod):
+    """Every (value, max, preview) the host's progress channel receives while the block runs, through the hook each
+    host's server uses: upstream's global progress-bar hook (main.py installs it), PyPI's execution-context server
+    (its progress message, then the preview image as UNENCODED_PREVIEW_IMAGE)."""
+    seen: list[list] = []
+    utils = hostmod.comfy.utils
+    if hasattr(utils, "set_progress_bar_global_hook"):
+        old = utils.PROGRESS_BAR_HOOK
+        utils.set_progress_bar_global_hook(lambda value, total, preview, **kw: seen.append([value, total, preview]))
+        try:
+            yield seen
+        finally:
+            utils.set_progress_bar_global_hook(old)
+        return
+    from comfy.component_model.queue_types import BinaryEventTypes
+    from comfy.distributed.server_stub import ServerStub
+    from comfy.execution_context import ExecutionContext, new_execution_context
+
+    class Recorder(ServerStub):
+        def send_sync(self, event, data, sid=None):
+            if event == "progress":
+                seen.append([data["value"], data["max"], None])
+            elif event == BinaryEventTypes.UNENCODED_PREVIEW_IMAGE:
+                seen[-1][2] = data
+
+    with new_execution_context(ExecutionContext(Recorder())):
+        yield seen
+
+
+def _previews(seen):
+    return [(value, preview[0], preview[1].size) for value, _, preview in seen if preview is not None]
 
 
 def _identity(pack, seed: int = 5):
@@ -49,3 +86,91 @@ def test_sample_renders_equal_apply_identity_plus_ksampler_also_while_training(h
     assert torch.equal(grid[0, RES:, RES:], during[1])
     with pytest.raises(ValueError, match="does not contain the trigger word 'sks'.*one prompt a line"):
         sr.sample_prompts("a photo of sks\na photo of a person", "sks")
+
+
+def test_attention_picture_maps_are_the_maps_the_loss_used_at_that_step(host, sd15, pack, face_photo):
+    """A real training step's loss sites and columns, captured as the loss read them, against the probe the
+    attention-map picture is drawn from, for the same photo, timestep and noise."""
+    th, tr, ap = pack.glue("training"), pack.core("training"), pack.core("attention_picture")
+    L = pack.core("losses")
+    model, clip, vae = sd15
+    settings = tr.TrainSettings(steps=1, resolution=RES, templates=["a photo of the face of {}"], loss_sites="all")
+    g = torch.Generator().manual_seed(2)
+    captured = []
+    with th.training_context(model, clip):
+        pixels = th.fit_image(face_photo("obama_1.jpg", 160), RES)
+        step = th.SefiStep(model, clip, vae, pixels, None, settings, "sks", 1)
+        tokens = {"clip_l": (torch.randn(2, 2, 1, 768, generator=g) * 0.02).requires_grad_()}
+        forward = step.unet.forward
+
+        def spy(*a, **k):
+            out = forward(*a, **k)
+            captured.append(out[1])
+            return out
+        step.unet.forward = spy
+        _, parts, _ = step(tokens, torch.Generator().manual_seed(9), 0)
+        step.unet.forward = forward
+        j, _, _, t, noise = step._draw(torch.Generator().manual_seed(9), 1)  # the step's own draws again
+        probed = step.attention_records(tokens, 0, int(t), noise, j)
+        picture = th.attention_picture(step, {k: v.detach() for k, v in tokens.items()}, pixels, seed=0)
+    (used,) = captured
+    assert len(used) == len(probed) >= 1
+    for a, b in zip(used, probed):
+        assert a[:3] == b[:3]
+        torch.testing.assert_close(a[3].detach(), b[3])
+        torch.testing.assert_close(a[4], b[4])
+    loss_from_probe = L.reference_attention_loss([r[3] for r in probed], [r[4] for r in probed],
+                                                 reduction=settings.attention_reduction)
+    assert float(loss_from_probe) == pytest.approx(float(parts["attention"]), rel=1e-5)
+    positions = step.identity_positions()
+    assert len(positions) == 1 and step.loss_columns[0][0][positions[0]] == step.prompts[0].slots[0]
+    idm, refm = ap.face_maps([r[3].detach() for r in used], [r[4] for r in used], positions, step.latent_hw, step.latent_hw)
+    assert idm.shape == (RES // 8, RES // 8) and float(idm.sum()) > 0 and float(refm.sum()) > 0
+    assert picture.shape == (1, 192 + 14, 3 * 192, 3) and 0 <= float(picture.min()) <= float(picture.max()) <= 1
+
+
+def test_watch_sends_previews_through_the_hosts_progress_hook_and_writes_snapshots_once(host, pack, tmp_path):
+    tw, hostmod = pack.glue("training_watch"), pack.glue("host")
+    identity = _identity(pack)
+    samples = torch.rand(2, RES, RES, 3)
+    asked = []
+
+    def current(step):
+        asked.append(step)
+        return identity
+
+    def run(steps, start=0, **settings):
+        watch = tw.TrainingWatch(tw.WatchSettings(**settings), hostmod.progress_bar(steps), "w", tmp_path, current,
+                                 lambda ident: samples, history=[1.0] * start)
+        with progress_messages(hostmod) as seen:
+            for step in range(start + 1, steps + 1):
+                watch.on_step(step, steps, 1.0 / step, {"grad_share_attention": 0.1} if step % 5 == 0 else {})
+        return watch, seen
+
+    watch, seen = run(12, preview_every=5)
+    assert [v for v, _, _ in seen] == list(range(1, 13)) and all(t == 12 for _, t, _ in seen)
+    assert _previews(seen) == [(1, "JPEG", (512, 256)), (5, "JPEG", (512, 256)), (10, "JPEG", (512, 256)),
+                               (12, "JPEG", (512, 256))]
+    assert watch.previews == 4 and asked == [] and not list(tmp_path.iterdir())
+
+    watch, seen = run(8, preview_every=0, sample_prompts=("sks",), sample_every=4, save_every=3)
+    # a preview at each sampling point (the new sample beside the curve), none otherwise (preview_every=0)
+    assert _previews(seen) == [(4, "JPEG", (512 + 2 * 256, 256)), (8, "JPEG", (512 + 2 * 256, 256))]
+    assert asked == [3, 4, 6, 8] and [watch.needs_parameters_at(s) for s in range(1, 9)] == [
+        False, False, True, True, False, True, False, True]
+    grid = watch.samples(RES)
+    assert grid.shape == (1, 2 * RES, 2 * RES, 3) and torch.equal(grid[0, RES:, :RES], samples[0])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["w@3.safetensors", "w@6.safetensors"]  # no temp file left behind
+    loaded = pack.core("identity").load_identity(tmp_path / "w@6.safetensors")
+    assert torch.equal(loaded.tokens["clip_l"], identity.tokens["clip_l"])
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    os.utime(tmp_path / "w@6.safetensors", ns=(1, 1))
+    asked.clear()
+    run(9, start=5, preview_every=0, save_every=3)  # a resumed run reaches step 6 again: not rewritten
+    assert asked == [6, 9] and (tmp_path / "w@6.safetensors").stat().st_mtime_ns == 1
+    assert (tmp_path / "w@3.safetensors").stat().st_mtime_ns == stamps["w@3.safetensors"]
+    assert (tmp_path / "w@9.safetensors").is_file()
+    assert watch.samples(RES).shape == (1, 2 * RES, 2 * RES, 3)
+    assert tw.TrainingWatch(tw.WatchSettings(), None, "x", tmp_path, current, None).samples(RES).shape == (
+        1, RES, RES, 3)
