@@ -174,3 +174,105 @@ def test_watch_sends_previews_through_the_hosts_progress_hook_and_writes_snapsho
     assert watch.samples(RES).shape == (1, 2 * RES, 2 * RES, 3)
     assert tw.TrainingWatch(tw.WatchSettings(), None, "x", tmp_path, current, None).samples(RES).shape == (
         1, RES, RES, 3)
+
+
+# ----------------------------------------------------------------------------------------- the trainer node
+
+NODE_ARGS = dict(name="watch", trigger="sks", initializer="person", steps=4, learning_rate=0.0, resolution=RES)
+FAST = dict(stages=2, parametrisation="direct tokens", checkpoint_every=0, overwrite=True, seed=3)
+
+
+def _node(host, sd15, photo, options=None, **kw):
+    model, clip, vae = sd15
+    args = {**NODE_ARGS, **kw}
+    if options is not None:
+        args["options"] = options
+    return host.run("SeFiTrainIdentity", model=model, clip=clip, vae=vae, images=photo, **args)
+
+
+def test_trainer_node_watch_outputs_and_defaults(host, sd15, pack, face_photo):
+    """Options from a SeFi Training Options node train as the same values given directly, and watching (previews,
+    samples, snapshots) changes no token; the preview reaches the host's progress hook at the right steps and size; the
+    node's samples equal render_samples of the snapshot of that step; snapshots are written at the right steps."""
+    hostmod, sr, opts = pack.glue("host"), pack.glue("sample_renders"), pack.glue("train_options")
+    photo = face_photo("obama_1.jpg", 160)
+    folder = pack.glue("train").identity_dir()
+    defaults = host.run("SeFiTrainingOptions", **{**opts.OPTION_DEFAULTS, **FAST})[0]
+    plain = _node(host, sd15, photo, preview_every=0, **FAST)
+    with progress_messages(hostmod) as seen:
+        watched = _node(host, sd15, photo, options=defaults, preview_every=3, sample_prompt="a photo of sks person",
+                        sample_every=2, save_every=2)
+    assert torch.equal(watched[0].tokens["clip_l"], plain[0].tokens["clip_l"])
+    assert {k: v for k, v in watched[0].training.items() if k not in ("peak_memory_bytes",)} == {
+        k: v for k, v in plain[0].training.items() if k not in ("peak_memory_bytes",)}
+    assert [v for v, _, _ in seen] == [1, 2, 3, 4]
+    wide = (512 + 256, 256)  # one sample prompt beside the curve
+    assert _previews(seen) == [(1, "JPEG", (512, 256)), (2, "JPEG", wide), (3, "JPEG", wide), (4, "JPEG", wide)]
+    assert sorted(p.name for p in folder.glob("watch@*")) == ["watch@2.safetensors", "watch@4.safetensors"]
+    snapshot = pack.core("identity").load_identity(folder / "watch@4.safetensors")
+    assert torch.equal(snapshot.tokens["clip_l"], watched[0].tokens["clip_l"])
+    assert snapshot.training["steps_done"] == 4
+    identity, curve, file_name, samples, maps = watched
+    assert samples.shape == (1, 2 * RES, RES, 3) and curve.shape[0] == maps.shape[0] == 1
+    model, clip, vae = sd15
+    spec = sr.SampleSpec(("a photo of sks person",), seed=3, resolution=RES)
+    with torch.inference_mode():
+        again = sr.render_samples(model, clip, vae, snapshot, spec)
+    torch.testing.assert_close(samples[0, RES:], again[0], atol=2e-5, rtol=1e-4)
+    assert maps.shape == (1, 192 + 14, 3 * 192, 3)
+    (folder / "watch.safetensors").unlink()  # a fresh run of that name would now mix its snapshots with these
+    with pytest.raises(FileExistsError, match="snapshots of an earlier run named 'watch'.*overwrite to true"):
+        _node(host, sd15, photo, **{**FAST, "overwrite": False})
+
+
+def test_cancel_during_a_sample_render_saves_the_checkpoint_and_resume_keeps_the_snapshots(host, sd15, pack,
+                                                                                            face_photo, caplog,
+                                                                                            monkeypatch):
+    """Cancel pressed while the samples of step 2 render: the checkpoint holds step 2, the snapshot of step 2 (written
+    just before) stays, and the resumed run neither rewrites it nor misses the one of step 4."""
+    train, hostmod, tr = pack.glue("train"), pack.glue("host"), pack.core("train_state")
+    photo = face_photo("obama_1.jpg", 160)
+    folder = train.identity_dir()
+    sampled = []
+    real_sample = hostmod.sample
+
+    def sample_then_cancel(*args, **kwargs):
+        sampled.append(1)
+        hostmod.interrupt_current_processing(True)  # the user presses Cancel while the sampler runs
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(hostmod, "sample", sample_then_cancel)
+    watch = dict(sample_prompt="sks", sample_every=2, save_every=2, preview_every=0)
+    with caplog.at_level("INFO", logger="sefi"), pytest.raises(hostmod.InterruptProcessingException):
+        _node(host, sd15, photo, name="cut", **FAST, **watch)
+    assert sampled == [1]
+    assert "interrupted at step 2/4" in caplog.text and "samples of step 2 rendered" not in caplog.text
+    assert tr.load_train_state(train.checkpoint_dir() / "cut.sefi-train").step == 2
+    first = folder / "cut@2.safetensors"
+    assert first.is_file() and not (folder / "cut.safetensors").exists()
+    os.utime(first, ns=(1, 1))
+    monkeypatch.setattr(hostmod, "sample", real_sample)
+    resumed = _node(host, sd15, photo, name="cut", resume_from="cut", **{**FAST, "overwrite": False}, **watch)
+    assert first.stat().st_mtime_ns == 1 and (folder / "cut@4.safetensors").is_file()
+    assert resumed[3].shape == (1, RES, RES, 3)  # one sampling point in this run: step 4
+
+
+def test_the_options_node_carries_the_trainers_former_widgets_with_their_defaults(host, pack):
+    """A graph without SeFi Training Options trains with exactly these defaults: each equals the default of the
+    trainer's own keyword (what the trainer had as a widget) and of the settings the loop reads."""
+    import inspect
+    train, opts, tr = pack.glue("train"), pack.glue("train_options"), pack.core("training")
+    trainer = host.nodes["SeFiTrainIdentity"]
+    assert trainer.INPUT_TYPES()["optional"]["options"][0] == opts.TRAINING_OPTIONS
+    assert host.nodes["SeFiTrainingOptions"].RETURN_TYPES == (opts.TRAINING_OPTIONS,)
+    keyword = {k: p.default for k, p in inspect.signature(train.SeFiTrainIdentity._train).parameters.items()}
+    assert dict(opts.OPTION_DEFAULTS) == {k: keyword[k] for k in opts.OPTION_DEFAULTS}
+    assert dict(opts.training_options(None)) == dict(opts.OPTION_DEFAULTS)
+    settings = tr.TrainSettings()
+    assert (settings.seed, settings.batch_size, settings.checkpoint_every, settings.attention_weight,
+            settings.loss_sites) == tuple(opts.OPTION_DEFAULTS[k] for k in (
+                "seed", "batch_size", "checkpoint_every", "attention_weight", "loss_sites"))
+    node_widgets = set(trainer.INPUT_TYPES()["required"]) | set(trainer.INPUT_TYPES()["optional"])
+    assert not node_widgets & set(opts.OPTION_DEFAULTS)
+    with pytest.raises(ValueError, match="unknown training option"):
+        opts.training_options({"stage": 3})

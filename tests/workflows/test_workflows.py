@@ -260,7 +260,9 @@ def for_test(graph: dict, ckpt_name: str, controlnet_name: str | None = None) ->
         elif kind == "SeFiFaceMask":
             inputs["crop_size"] = 128
         elif kind == "SeFiTrainIdentity":
-            inputs.update(steps=TRAIN_STEPS, stages=TRAIN_STAGES, resolution=TEST_SIZE, checkpoint_every=0)
+            inputs.update(steps=TRAIN_STEPS, resolution=TEST_SIZE)
+        elif kind == "SeFiTrainingOptions":
+            inputs.update(stages=TRAIN_STAGES, checkpoint_every=0)
     return graph
 
 
@@ -298,7 +300,8 @@ def trained(server, staged):
     for photo, name, trigger in ((wb.PHOTO, "my_identity", "sks"), (wb.PHOTO_2, "friend_identity", "zwx")):
         graph = copy.deepcopy(base)
         node_of(graph, "LoadImage")["inputs"]["image"] = photo
-        node_of(graph, "SeFiTrainIdentity")["inputs"].update(name=name, trigger=trigger)
+        inputs = node_of(graph, "SeFiTrainIdentity")["inputs"]
+        inputs.update(name=name, trigger=trigger, sample_prompt=inputs["sample_prompt"].replace("sks", trigger))
         entries[name] = server.client.run(graph, timeout=300)
     return entries
 
