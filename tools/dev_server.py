@@ -1,7 +1,9 @@
 """`make serve`: the chosen host's web UI with this pack loaded, models under ./models, on 127.0.0.1 only.
 
-Without any checkpoint in ./models/checkpoints the tiny random SD1.5 checkpoint is written there first, so
-the graph runs end to end (its images are noise: it proves the install, not the method).
+Two checkpoints are put in ./models/checkpoints when missing: the miniature world's (world-sd15.safetensors,
+trained here, docs/world.md: the method can be seen to work on it) with its held-out person's studio photo and
+face mask in ./input (workflows/07_world_identity.json trains and renders on them), and the tiny random SD1.5 one
+(its images are noise: it proves the install, not the method). A real checkpoint copied there sits beside them.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import subprocess
 import sys
 
 from tools import embedded_host
+from world import demo
 
 MODEL_FOLDERS = ("checkpoints", "controlnet", "embeddings", "sefi_identities", "insightface/models")
 
@@ -23,11 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     models = base / "models"
     for folder in MODEL_FOLDERS:
         (models / folder).mkdir(parents=True, exist_ok=True)
-    checkpoints = [p for p in (models / "checkpoints").iterdir() if p.suffix in (".safetensors", ".ckpt")]
-    if not checkpoints:
-        print("No checkpoint in models/checkpoints: writing the tiny random SD1.5 checkpoint there "
-              "(images will be noise; copy a real SD1.5/SDXL checkpoint there for real results).")
-        subprocess.run([sys.executable, "-m", "tools.tiny_checkpoints", str(models / "checkpoints")], check=True)
+    print("models/checkpoints: the miniature world's checkpoint and the tiny random SD1.5 one (built when missing; "
+          "copy a real SD1.5/SDXL checkpoint there for real pictures)", flush=True)
+    subprocess.run([sys.executable, "-m", "world", "checkpoint", str(models / "checkpoints")], check=True, cwd=base)
+    subprocess.run([sys.executable, "-m", "tools.tiny_checkpoints", str(models / "checkpoints")], check=True,
+                   cwd=base)
+    photo, mask = demo.write_photo(base / "input")
+    print(f"input/{photo}, input/{mask}: a held-out person of the world and their face mask", flush=True)
     argv = embedded_host.server_command(base, args.port)
     print(f"ComfyUI ({embedded_host.host_label()}) on http://127.0.0.1:{args.port} — Ctrl+C stops it")
     return subprocess.call(argv, cwd=base)

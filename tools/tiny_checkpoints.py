@@ -97,6 +97,10 @@ def save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    # safetensors creates the file owner-only (0600); a model file is one anybody may read, as the umask says
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
     return path
 

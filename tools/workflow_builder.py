@@ -42,6 +42,16 @@ PHOTO = "face.png"
 PHOTO_2 = "friend.png"
 DRIVING_PHOTO = "driving_face.png"
 SEED = 42
+# The miniature world (world/, docs/world.md): its checkpoint and the held-out person's studio photo and face mask,
+# as `make serve` writes them (world.checkpoint.NAME, world.demo.write_photo; tests check the names agree).
+WORLD_CHECKPOINT = "world-sd15.safetensors"
+WORLD_PHOTO = "world_person_0.png"
+WORLD_MASK = "world_person_0_mask.png"
+# world.demo.REQUESTS as prompts: each another scene than the studio photo, the last two with an attribute edit.
+WORLD_PROMPTS = ("a portrait photo of a sks person on a beach",
+                 "a close-up photo of the face of a sks person in a forest",
+                 "a portrait photo of a sks person wearing a hat, at night",
+                 "a close-up photo of the face of a sks person wearing glasses, in the snow")
 NEGATIVE = "blurry, lowres, deformed face, extra fingers, watermark, text"
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -134,8 +144,9 @@ def combo_options(kind: Any, options: dict[str, Any]) -> list[Any] | None:
 
 
 def extra_widget_value(name: str, kind: Any, options: dict[str, Any]) -> tuple[bool, Any]:
-    """Widgets the frontend adds after an input's own widget, saved in widgets_values but not sent to the API:
-    control_after_generate after seed-like INTs, the upload button after an image_upload COMBO."""
+    """Widgets the frontend adds for an input, saved in widgets_values but not sent to the API:
+    control_after_generate right after seed-like INTs, the upload button of an image_upload COMBO (after all the
+    node's widgets: LoadImageMask saves [image, channel, "image"])."""
     if kind == "INT" and (options.get("control_after_generate") or name in SEED_NAMES):
         return True, "fixed"
     if options.get("image_upload"):
@@ -356,8 +367,38 @@ def liveportrait_chain() -> Workflow:
     return wf
 
 
+def world_identity() -> Workflow:
+    wf = Workflow("07_world_identity", "The miniature world (docs/world.md; `make serve` puts its checkpoint, photo "
+                  "and mask in place): a held-out person's studio photo and the world's own face mask → SeFi Train "
+                  "Identity (64 px, loss_sites all: the world's one attention site is at the full latent) → four "
+                  "prompts in other scenes, two with an attribute edit, shown 4× enlarged.")
+    photo = wf.add("LoadImage", col=0, title="World photo (held-out person 0)", image=WORLD_PHOTO)
+    mask = wf.add("LoadImageMask", col=0, title="Its face mask", image=WORLD_MASK, channel="red")
+    ckpt = wf.add("CheckpointLoaderSimple", col=0, ckpt_name=WORLD_CHECKPOINT)
+    train = wf.add("SeFiTrainIdentity", col=1, model=ckpt[0], clip=ckpt[1], vae=ckpt[2], images=photo[0],
+                   mask=mask[0], name="world_person_0", trigger="sks", initializer="person", steps=150,
+                   resolution=64, loss_sites="all", checkpoint_every=50)
+    wf.add("PreviewImage", col=2, title="Loss curve", images=train[1])
+    neg = wf.add("CLIPTextEncode", col=1, title="Negative prompt (empty)", text="", clip=ckpt[1])
+    latent = wf.add("EmptyLatentImage", col=1, width=64, height=64, batch_size=1)
+    batch = None
+    for i, text in enumerate(WORLD_PROMPTS):
+        apply = wf.add("SeFiApplyIdentity", col=2, title=f"Prompt {i + 1}", model=ckpt[0], clip=ckpt[1],
+                       identity=train[0], text=text, strength=1.0, start_percent=0.0, end_percent=1.0)
+        sample = wf.add("KSampler", col=3, title=f"KSampler {i + 1}", model=apply[0], seed=SEED + i, steps=20,
+                        cfg=5.0, sampler_name="euler", scheduler="normal", positive=apply[1], negative=neg[0],
+                        latent_image=latent[0], denoise=1.0)
+        batch = sample[0] if batch is None else wf.add("LatentBatch", col=4, samples1=batch, samples2=sample[0])[0]
+    image = wf.add("VAEDecode", col=5, samples=batch, vae=ckpt[2])
+    big = wf.add("ImageScaleBy", col=5, title="4× (nearest)", image=image[0], upscale_method="nearest-exact",
+                 scale_by=4.0)
+    wf.add("SaveImage", col=6, images=big[0], filename_prefix="sefi/world")
+    return wf
+
+
 WORKFLOWS: tuple[Callable[[], Workflow], ...] = (train_identity, generate_with_identity, reenactment_controlnet,
-                                                 multiview, two_identities, liveportrait_chain)
+                                                 multiview, two_identities, liveportrait_chain,
+                                                 world_identity)
 
 
 def all_workflows() -> list[Workflow]:
@@ -441,7 +482,7 @@ def to_ui(wf: Workflow, specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         unknown = set(node.inputs) - known
         if unknown:
             raise KeyError(f"{wf.name}: {node.type} has no input(s) {sorted(unknown)}")
-        inputs, values, widget_specs = [], [], []
+        inputs, values, uploads, widget_specs = [], [], [], []
         for name, kind, options, optional in input_specs(spec):
             given = node.inputs.get(name)
             if is_widget(kind, options):
@@ -453,7 +494,8 @@ def to_ui(wf: Workflow, specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 widget_specs.append((name, kind, options))
                 has_extra, extra = extra_widget_value(name, kind, options)
                 if has_extra:
-                    values.append(extra)
+                    # the frontends add the upload button as an input of its own after all the node's inputs
+                    (uploads if options.get("image_upload") else values).append(extra)
                 continue
             link_id = None
             if isinstance(given, Out):
@@ -467,6 +509,7 @@ def to_ui(wf: Workflow, specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             elif not optional:
                 raise ValueError(f"{wf.name}: {node.type}.{name} is required and not connected")
             inputs.append({"name": name, "type": socket_type(kind), "link": link_id})
+        values += uploads
         outputs = [{"name": (spec.get("output_name") or spec["output"])[i], "type": socket_type(t), "links": [],
                     "slot_index": i} for i, t in enumerate(spec["output"])]
         # Sized by the sockets every host shows: an unlinked optional socket that only one host declares

@@ -3,8 +3,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import gates, train
+
+
+def write_checkpoint(args: argparse.Namespace) -> int:
+    from tools import embedded_host
+    embedded_host.import_host_modules()
+    from . import checkpoint
+    print(checkpoint.ensure(args.folder))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,8 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     train.add_arguments(sub.add_parser("train", help="pretrain the world's U-Net (resumable)"))
     gates.add_arguments(sub.add_parser("gates", help="sample plain prompts through the host and read them back"))
+    assemble = sub.add_parser("checkpoint", help="assemble world-sd15.safetensors from the committed U-Net weights")
+    assemble.add_argument("folder", type=Path, help="e.g. models/checkpoints (rebuilt only when out of date)")
     args = parser.parse_args(argv)
-    return {"train": train.run, "gates": gates.run}[args.command](args)
+    return {"train": train.run, "gates": gates.run, "checkpoint": write_checkpoint}[args.command](args)
 
 
 if __name__ == "__main__":

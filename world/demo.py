@@ -44,6 +44,24 @@ def studio_photo(person_index: int = DEMO_PERSON) -> tuple[torch.Tensor, torch.T
     return torch.from_numpy(render(facts))[None], torch.from_numpy(face_mask(facts))[None], facts
 
 
+def write_photo(folder, person_index: int = DEMO_PERSON) -> tuple[str, str]:
+    """The studio photo and its face mask as PNG files in `folder` (a ComfyUI input folder), for LoadImage and
+    LoadImageMask (channel red). Returns the two file names."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from sefi_core.atomic import atomic_write
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    photo, mask, _ = studio_photo(person_index)
+    names = (f"world_person_{person_index}.png", f"world_person_{person_index}_mask.png")
+    pictures = ((photo[0].numpy() * 255).round().astype(np.uint8),
+                (mask[0].numpy() * 255).round().astype(np.uint8))
+    for name, pixels in zip(names, pictures):
+        atomic_write(Path(folder) / name, lambda f, pixels=pixels: Image.fromarray(pixels).save(f, format="PNG"))
+    return names
+
+
 @dataclass
 class Scored:
     text: str

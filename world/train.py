@@ -86,7 +86,7 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: float = 5e-4, warmup: int = 100,
           ema_decay: float = 0.995, caption_dropout: float = 0.1, checkpoint_every: int = 50,
-          threads: int | None = None, log=print) -> Path:
+          threads: int | None = None, rounds: tuple[int, ...] = (), log=print) -> Path:
     embedded_host.import_host_modules("cpu")
     import comfy.ldm.modules.attention as host_attention
     # The PyPI host picks sub-quadratic attention on the CPU (chunked by free memory: ~2× slower here); the same
@@ -162,7 +162,8 @@ def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: f
                 f"{elapsed / 60:.1f} min")
         if done % checkpoint_every == 0 or done == steps:
             save_state(done)
-            write_weights(ema, out_dir, history, seed=seed, steps=done, batch=batch)
+            write_weights(ema, out_dir, history, seed=seed, steps=done, batch=batch,
+                          rounds=",".join(map(str, rounds or (steps,))))
     return out_dir / UNET_FILE
 
 
@@ -183,7 +184,9 @@ def write_weights(ema: dict[str, torch.Tensor], out_dir: Path, history: list[dic
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=_rounds, default=(1200, 2400),
+                        help="the step to train to; several (e.g. 1200,2400) train in rounds: each round resumes "
+                             "the last and runs its own cosine schedule to its step (the committed model: 1200,2400)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--run-dir", type=Path, default=Path(".cache/world-train"),
@@ -194,8 +197,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads (1: on a shared 2-core machine, 2 threads were 3× slower per step)")
 
 
+def _rounds(text: str) -> tuple[int, ...]:
+    rounds = tuple(int(part) for part in text.split(","))
+    if any(r <= 0 for r in rounds) or list(rounds) != sorted(set(rounds)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give increasing positive step counts, e.g. 1200 or 1200,2400")
+    return rounds
+
+
 def run(args: argparse.Namespace) -> int:
-    path = train(args.seed, args.steps, args.batch, args.run_dir, args.out, lr=args.lr,
-                 checkpoint_every=args.checkpoint_every, threads=args.threads)
+    for steps in args.steps:  # a round already finished is skipped: its state is past its step
+        path = train(args.seed, steps, args.batch, args.run_dir, args.out, lr=args.lr,
+                     checkpoint_every=args.checkpoint_every, threads=args.threads, rounds=args.steps)
     print(f"wrote {path}")
     return 0

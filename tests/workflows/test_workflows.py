@@ -4,7 +4,8 @@ Static checks use the live server's /object_info: node types exist, links join m
 widget values fit their input specs, the UI file and its API twin describe the same graph, and the committed
 files are what tools/workflow_builder.py writes. Then the API twins of 01–05 run end to end on the tiny SD1.5
 checkpoint (and the tiny ControlNet for 03), with real face photos as face.png / friend.png / driving_face.png:
-01 trains the identities that 02, 04 and 05 load.
+01 trains the identities that 02, 04 and 05 load. 07 trains and renders on the miniature world's checkpoint, with
+the photo and mask `make serve` writes.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import copy
 import json
 import urllib.error
 
+import numpy as np
 import pytest
 
 from tools import workflow_builder as wb
@@ -20,7 +22,7 @@ from batch.comfy_client import output_files
 from tools.dev_requirements import import_required
 
 NAMES = ("01_train_identity", "02_generate_with_identity", "03_reenactment_controlnet", "04_multiview",
-         "05_two_identities", "06_liveportrait_chain")
+         "05_two_identities", "06_liveportrait_chain", "07_world_identity")
 RUNNABLE = NAMES[:5]
 WIDGET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # COMBO inputs that list files of a models folder: the committed value is a user's file name, checked by its
@@ -59,7 +61,8 @@ def input_type(kind) -> str:
 def ui_to_api(ui: dict, specs: dict) -> dict:
     """What the frontend's "Export (API)" makes of a UI workflow: links become [source_id, slot], widget values
     are matched to the widget inputs in INPUT_TYPES order; the extra control_after_generate value after a
-    seed/noise_seed INT and the upload button's value after an image_upload COMBO are not inputs."""
+    seed/noise_seed INT and the upload button's value (last, after all widgets) of an image_upload COMBO are not
+    inputs."""
     links = {link[0]: link for link in ui["links"]}
     graph = {}
     for node in ui["nodes"]:
@@ -79,8 +82,8 @@ def ui_to_api(ui: dict, specs: dict) -> dict:
             inputs.setdefault(name, values.pop(0))
             if kind == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed")):
                 assert values and values.pop(0) in ("fixed", "increment", "decrement", "randomize"), name
-            if options.get("image_upload"):
-                assert values and values.pop(0) == "image", name
+            if options.get("image_upload"):  # the upload button's value comes after all the node's widgets
+                assert values and values.pop() == "image", name
         assert not values, f"{node['type']} #{node['id']}: widget values left over: {values}"
         entry = {"inputs": inputs, "class_type": node["type"]}
         if node.get("title"):
@@ -132,7 +135,7 @@ def specs(object_info) -> dict:
 
 # ------------------------------------------------------------------------------------------------- static
 
-def test_the_workflow_files_are_the_six_examples_with_api_twins():
+def test_the_workflow_files_are_the_seven_examples_with_api_twins():
     assert tuple(wb.names()) == NAMES
     assert sorted(p.name for p in wb.WORKFLOWS_DIR.glob("*.json")) == [f"{n}.json" for n in NAMES]
     assert sorted(p.name for p in wb.API_DIR.glob("*.json")) == [f"{n}.api.json" for n in NAMES]
@@ -358,3 +361,37 @@ def test_05_two_identities(server, staged, trained):
     assert "sks" in apply["text"] and "zwx" in apply["text"] and "identity_2" in apply
     assert len(_saved(server, graph, entry)) == 1
 
+
+
+def test_07_names_the_files_make_serve_writes():
+    from world import checkpoint, demo
+    from world.captions import prompt
+    assert wb.WORLD_CHECKPOINT == checkpoint.NAME
+    assert (wb.WORLD_PHOTO, wb.WORLD_MASK) == (f"world_person_{demo.DEMO_PERSON}.png",
+                                               f"world_person_{demo.DEMO_PERSON}_mask.png")
+    assert wb.WORLD_PROMPTS == tuple(prompt(r, subject=f"{demo.TRIGGER} person") for r in demo.REQUESTS)
+
+
+def test_07_world_identity_trains_on_the_world_photo_and_renders_four_prompts(server, world_sd15):
+    """The world's photo and mask written as `make serve` writes them, the world checkpoint; 2 training steps and 2
+    sampler steps: the identity file is saved and the four prompts come out 4× enlarged (256 px)."""
+    from PIL import Image
+    from world import demo
+    photo_name, mask_name = demo.write_photo(server.base_dir / "input")
+    with Image.open(server.base_dir / "input" / mask_name) as im:  # LoadImageMask reads its red channel
+        assert np.asarray(im.convert("RGB"))[..., 0].max() == 255
+    server.add_model("checkpoints", world_sd15)
+    graph = copy.deepcopy(wb.load_api("07_world_identity"))
+    for node in graph.values():
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = SAMPLER_STEPS
+        elif node["class_type"] == "SeFiTrainIdentity":
+            node["inputs"].update(steps=TRAIN_STEPS, stages=TRAIN_STAGES, checkpoint_every=0)
+    entry = server.client.run(graph, timeout=600)
+    assert (server.models_dir / "sefi_identities" / "world_person_0.safetensors").is_file(), server.log()[-3000:]
+    files = output_files(entry, server.output_dir)
+    saved = [f for f in files if "world" in f.name]
+    assert len(saved) == len(wb.WORLD_PROMPTS), files
+    for f in saved:
+        with Image.open(f) as im:
+            assert im.size == (256, 256)
