@@ -370,15 +370,20 @@ def liveportrait_chain() -> Workflow:
 def world_identity() -> Workflow:
     wf = Workflow("07_world_identity", "The miniature world (docs/world.md; `make serve` puts its checkpoint, photo "
                   "and mask in place): a held-out person's studio photo and the world's own face mask → SeFi Train "
-                  "Identity (64 px, loss_sites all: the world's one attention site is at the full latent) → four "
-                  "prompts in other scenes, two with an attribute edit, shown 4× enlarged.")
+                  "Identity (64 px, loss_sites all on SeFi Training Options: the world's one attention site is at "
+                  "the full latent; samples of two prompts every 25 steps on the node) → four prompts in other "
+                  "scenes, two with an attribute edit, shown 4× enlarged.")
     photo = wf.add("LoadImage", col=0, title="World photo (held-out person 0)", image=WORLD_PHOTO)
     mask = wf.add("LoadImageMask", col=0, title="Its face mask", image=WORLD_MASK, channel="red")
     ckpt = wf.add("CheckpointLoaderSimple", col=0, ckpt_name=WORLD_CHECKPOINT)
+    options = wf.add("SeFiTrainingOptions", col=0, loss_sites="all", checkpoint_every=50)
     train = wf.add("SeFiTrainIdentity", col=1, model=ckpt[0], clip=ckpt[1], vae=ckpt[2], images=photo[0],
-                   mask=mask[0], name="world_person_0", trigger="sks", initializer="person", steps=150,
-                   resolution=64, loss_sites="all", checkpoint_every=50)
+                   mask=mask[0], options=options[0], name="world_person_0", trigger="sks", initializer="person",
+                   steps=150, resolution=64, preview_every=5, sample_prompt="\n".join(WORLD_PROMPTS[:2]),
+                   sample_every=25, save_every=50)
     wf.add("PreviewImage", col=2, title="Loss curve", images=train[1])
+    wf.add("PreviewImage", col=2, title="Attention maps", images=train[4])
+    wf.add("PreviewImage", col=2, title="Samples while training", images=train[3])
     neg = wf.add("CLIPTextEncode", col=1, title="Negative prompt (empty)", text="", clip=ckpt[1])
     latent = wf.add("EmptyLatentImage", col=1, width=64, height=64, batch_size=1)
     batch = None

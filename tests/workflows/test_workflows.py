@@ -386,7 +386,9 @@ def test_07_world_identity_trains_on_the_world_photo_and_renders_four_prompts(se
         if node["class_type"] == "KSampler":
             node["inputs"]["steps"] = SAMPLER_STEPS
         elif node["class_type"] == "SeFiTrainIdentity":
-            node["inputs"].update(steps=TRAIN_STEPS, stages=TRAIN_STAGES, checkpoint_every=0)
+            node["inputs"].update(steps=TRAIN_STEPS)
+        elif node["class_type"] == "SeFiTrainingOptions":
+            node["inputs"].update(stages=TRAIN_STAGES, checkpoint_every=0)
     entry = server.client.run(graph, timeout=600)
     assert (server.models_dir / "sefi_identities" / "world_person_0.safetensors").is_file(), server.log()[-3000:]
     files = output_files(entry, server.output_dir)
