@@ -144,12 +144,9 @@ def progress_bar(total: int) -> "comfy.utils.ProgressBar":
 
 def preview_image(picture) -> tuple:
     """A picture (PIL image) in the form both hosts' progress hooks send to the UI as the running node's preview, as
-    their samplers do with latent previews: ("JPEG", image, largest side)."""
-    return ("JPEG", picture, PREVIEW_MAX_SIZE)
-
-
-PREVIEW_MAX_SIZE = 1024
-"""Largest side of a progress preview; the loss curve with a sample beside it is 768 px wide."""
+    their samplers do with latent previews: ("JPEG", image, largest side). The largest side is the picture's own:
+    the servers fit a preview into it, upstream's scaling small ones up too."""
+    return ("JPEG", picture, max(picture.size))
 
 
 def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,

@@ -52,7 +52,7 @@ def _identity(pack, seed: int = 5):
 
 
 def _ksampler_run(host, sd15, identity, prompt: str, seed: int, steps: int):
-    """The graph a user would build: SeFi Apply Identity + CLIPTextEncode("") + EmptyLatentImage + KSampler + VAEDecode."""
+    """The graph a user would build: SeFi Apply Identity, CLIPTextEncode(""), EmptyLatentImage, KSampler, VAEDecode."""
     sr = host.pack_module.nodes.sample_renders
     model, clip, vae = sd15
     patched, positive = host.run("SeFiApplyIdentity", model=model, clip=clip, identity=identity, text=prompt,
@@ -124,7 +124,8 @@ def test_attention_picture_maps_are_the_maps_the_loss_used_at_that_step(host, sd
     assert float(loss_from_probe) == pytest.approx(float(parts["attention"]), rel=1e-5)
     positions = step.identity_positions()
     assert len(positions) == 1 and step.loss_columns[0][0][positions[0]] == step.prompts[0].slots[0]
-    idm, refm = ap.face_maps([r[3].detach() for r in used], [r[4] for r in used], positions, step.latent_hw, step.latent_hw)
+    idm, refm = ap.face_maps([r[3].detach() for r in used], [r[4] for r in used], positions, step.latent_hw,
+                             step.latent_hw)
     assert idm.shape == (RES // 8, RES // 8) and float(idm.sum()) > 0 and float(refm.sum()) > 0
     assert picture.shape == (1, 192 + 14, 3 * 192, 3) and 0 <= float(picture.min()) <= float(picture.max()) <= 1
 

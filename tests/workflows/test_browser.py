@@ -245,7 +245,7 @@ def test_workflow_opens_in_the_web_ui(ui, name, object_info, third_party_allowed
 WATCH_NAME = "watched"
 WATCH_STEPS = 24
 WATCH_EVERY = 12  # samples and snapshots at steps 12 and 24
-WATCH_SCREENSHOT = "07_training_watch"
+WATCH_SCREENSHOT = "training_watch"
 
 SET_WIDGETS = """([id, values]) => {
     const node = window.app.graph.getNodeById(id);
