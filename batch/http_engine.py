@@ -21,7 +21,7 @@ from typing import Any
 from batch import comfy_client
 from batch.host_base import UPLOAD_FOLDER, local_base, remove_base
 from batch.node_inputs import OPTIONS_NODE, combo_choices, input_names, split_options, widget_defaults
-from batch.people import Person, Result, UsageError, existing_identity, log
+from batch.people import CannotResume, Person, Result, UsageError, existing_identity, log, resume_plan
 from tools import embedded_host
 
 
@@ -31,7 +31,7 @@ class ServerGone(Exception):
 
 def build_graph(person: str, images: list[str], checkpoint: str, train_info: dict[str, Any],
                 mask_info: dict[str, Any], train_inputs: dict[str, Any], face_backend: str,
-                resolution: int, options_info: dict[str, Any] | None = None
+                resolution: int, resume_from: str = "", options_info: dict[str, Any] | None = None
                 ) -> tuple[dict[str, Any], dict[str, int]]:
     """The API graph for one person, and which node id loads/detects which photo (its index in `images`)."""
     graph: dict[str, Any] = {}
@@ -55,7 +55,7 @@ def build_graph(person: str, images: list[str], checkpoint: str, train_info: dic
             last = [str(next_id), 0]
             next_id += 1
     train = {**widget_defaults(train_info), **train_inputs, "name": person, "overwrite": True,
-             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": last}
+             "resume_from": resume_from, "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": last}
     if train.get("attention_loss") == "mask" or train.get("masked_diffusion_loss"):
         graph[str(next_id)] = {"class_type": "SeFiFaceMask", "inputs": {**mask_inputs, "image": last}}
         train["mask"] = [str(next_id), 0]  # the face mask of each crop, same size as the crops
@@ -160,6 +160,12 @@ def prepare_server(server: Server, checkpoint: str) -> None:
 def train_person(server: Server, person: Person, args: argparse.Namespace, train_inputs: dict[str, Any],
                  out_dir: Path, label: str) -> Result:
     start = time.monotonic()
+    try:  # a run cut off earlier continues from its checkpoint (--out is the server's sefi_identities folder)
+        resume, note = resume_plan(out_dir, person.name, int(train_inputs["steps"]))
+    except CannotResume as exc:
+        return Result(person.name, "failed", 0.0, str(exc), label)
+    if note:
+        log(f"[{label}] {person.name}: {note}")
     try:
         subfolder = f"{UPLOAD_FOLDER}/{person.name}"
         names = [server.client.upload_image(p, subfolder, name=f"{i:03d}{p.suffix.lower()}")
@@ -167,7 +173,7 @@ def train_person(server: Server, person: Person, args: argparse.Namespace, train
     except (urllib.error.URLError, ConnectionError) as exc:
         raise ServerGone(str(exc)) from exc
     graph, owners = build_graph(person.name, names, args.checkpoint_name, server.train_info, server.mask_info,
-                                train_inputs, args.face_backend, args.resolution, server.options_info)
+                                train_inputs, args.face_backend, args.resolution, resume, server.options_info)
     owners = {node: person.photos[index].name for node, index in owners.items()}
     try:
         prompt_id = server.client.queue(graph)

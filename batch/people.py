@@ -1,5 +1,6 @@
 """The people of a batch: one sub-folder of photos per person, their photos checked, what is already trained
-skipped, and the results table at the end. Used by both engines (batch/http_engine.py, batch/ray_engine.py)."""
+skipped, where a cut-off run resumes, and the results table at the end. Used by both engines
+(batch/http_engine.py, batch/ray_engine.py)."""
 from __future__ import annotations
 
 import time
@@ -9,10 +10,15 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+CHECKPOINT_SUFFIX = ".sefi-train"  # nodes/train_policies.py's; read here without importing the pack
 
 
 class UsageError(Exception):
     """Bad arguments or folders; the message says what to give instead."""
+
+
+class CannotResume(Exception):
+    """A person's checkpoint cannot be continued with these settings; the person fails, the checkpoint stays."""
 
 
 @dataclass
@@ -62,6 +68,36 @@ def existing_identity(out_dir: Path, name: str) -> tuple[bool, str]:
     except Exception as exc:  # IdentityFileError and anything a damaged file raises
         return False, f"existing {path.name} is not valid ({exc}); training it again"
     return True, f"{path.name} already present and valid"
+
+
+def checkpoint_step(out_dir: Path, name: str) -> int | None:
+    """The step of --out/checkpoints/<name>.sefi-train, or None when there is none that reads."""
+    path = out_dir / "checkpoints" / f"{name}{CHECKPOINT_SUFFIX}"
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return int((f.metadata() or {})["sefi.step"])
+    except Exception:  # not a checkpoint (or damaged): training starts over and replaces it
+        return None
+
+
+def resume_plan(out_dir: Path, name: str, steps: int) -> tuple[str, str]:
+    """(resume_from, note) for a person's run: its own checkpoint in --out/checkpoints whenever there is one to
+    continue — a run cut off at any step, also after its last checkpoint but before its identity was saved, is
+    never trained again from step 0 — else ("", ""). A checkpoint of a longer run (beyond `steps`) raises
+    CannotResume rather than being replaced."""
+    step = checkpoint_step(out_dir, name)
+    if step is None:
+        return "", ""
+    if step > steps:
+        raise CannotResume(f"its checkpoint {out_dir / 'checkpoints' / (name + CHECKPOINT_SUFFIX)} is at step {step}, "
+                           f"beyond --steps {steps}: give --steps {step} or more to continue it, or delete the "
+                           "checkpoint to train this person again from the start")
+    if step == steps:
+        return name, f"its checkpoint is at the last step ({step}): saving the identity from it"
+    return name, f"resuming from its checkpoint at step {step}"
 
 
 def check_photos(person: Person) -> str:

@@ -10,20 +10,25 @@ Files: the worker's models/sefi_identities is a link to --out (a path every node
 a shared volume on a cluster), so identities and training checkpoints (--out/checkpoints) are written there by
 the node itself, atomically.
 
-Faults: a worker that dies mid-person (node lost, OOM kill, ray.kill) is replaced by a new actor, and the person
-goes back to the front of the queue and resumes from its last training checkpoint (resume_from), so at most one
-checkpoint interval is trained twice. A person whose own inputs fail (no face, bad settings) fails at once; a
-person whose worker is lost --max-failures times is marked failed. Either way the job goes on.
+Faults: a worker that dies mid-person (node lost, OOM kill, ray.kill, any Ray error on its result) is replaced by a
+new actor, and the person goes back to the front of the queue and resumes from its last training checkpoint
+(resume_from; batch/people.resume_plan, also when it had reached its last step but not saved its identity), so at
+most one checkpoint interval is trained twice. A person whose own inputs fail (no face, bad settings, a checkpoint
+of a longer run) fails at once; a person whose worker is lost --max-failures times is marked failed. Either way the
+job goes on. The trainer's warnings reach the job's log with the person's name.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import shutil
 import socket
 import time
+import warnings
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,13 +38,12 @@ import ray.exceptions
 
 from batch.host_base import UPLOAD_FOLDER, local_base, remove_base
 from batch.node_inputs import OPTIONS_NODE, input_names, widget_defaults
-from batch.people import Person, Result, UsageError, existing_identity, log
+from batch.people import CannotResume, Person, Result, UsageError, existing_identity, log, resume_plan
 from tools import embedded_host
 
 OBJECT_STORE_BYTES = 128 * 2**20  # only small dicts travel through it; Ray's minimum is 75 MiB
 POLL_SECONDS = 0.1
 WORKER_START_TIMEOUT = 15 * 60  # a replacement that cannot be placed (no free GPU left) gives up after this
-CHECKPOINT_SUFFIX = ".sefi-train"  # nodes/train_policies.py's; read here without importing the pack
 
 WATCH_HOOKS: list[Callable[["RayJob"], None]] = []
 """Callables run by the driver on every poll with the running job (its `running()` people → worker handles);
@@ -48,6 +52,33 @@ for tests and fault drills, e.g. ray.kill of a worker."""
 
 class WorkerLost(Exception):
     """The worker process died or ran out of memory; the person is retried on another worker."""
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
+
+
+@contextmanager
+def trainer_warnings():
+    """The trainer's warnings while one person trains — its log's (logger "sefi") and Python's (e.g. "resuming with
+    different settings") — collected for the driver: workers run with log_to_driver=False, which keeps the hosts'
+    own output out of the job's, and would hide these too."""
+    found: list[str] = []
+    handler = _Collect(found)
+    logger = logging.getLogger("sefi")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield found
+        found.extend(str(w.message) for w in caught)
+    finally:
+        logger.removeHandler(handler)
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -86,14 +117,25 @@ class PersonTrainer:
     def train(self, person: str, photos: list[str], train_inputs: dict[str, Any], face_backend: str,
               resolution: int, resume_from: str) -> dict[str, Any]:
         """Train one person. Returns {status: trained|failed, message, first_step, last_step}; raises WorkerLost
-        when the process ran out of memory (the driver retries the person elsewhere)."""
-        import torch
+        when the process ran out of memory (the driver retries the person elsewhere). The trainer's warnings come
+        back with the result, for the driver to show."""
         steps: list[int] = []
         hook = lambda step, total, loss, parts: steps.append(int(step))  # noqa: E731
         crop = max(64, int(resolution) // 8 * 8)
         mask_inputs = {**widget_defaults(self.mask_info), "backend": face_backend, "which_face": "largest",
                        "crop_size": crop, "on_no_face": "error"}
         self.progress_hooks.append(hook)
+        try:
+            with trainer_warnings() as said:
+                out = self._train(person, photos, train_inputs, resume_from, mask_inputs, steps)
+        finally:
+            self.progress_hooks.remove(hook)
+            shutil.rmtree(self.base / "input" / UPLOAD_FOLDER / person, ignore_errors=True)
+        return {**out, "warnings": said}
+
+    def _train(self, person: str, photos: list[str], train_inputs: dict[str, Any], resume_from: str,
+               mask_inputs: dict[str, Any], steps: list[int]) -> dict[str, Any]:
+        import torch
         try:
             batch = None
             for index, photo in enumerate(map(Path, photos)):
@@ -120,9 +162,6 @@ class PersonTrainer:
         except Exception as exc:  # the person's own failure; the worker stays usable
             return {"status": "failed", "message": f"{type(exc).__name__}: {exc}",
                     "first_step": steps[0] if steps else None, "last_step": steps[-1] if steps else None}
-        finally:
-            self.progress_hooks.remove(hook)
-            shutil.rmtree(self.base / "input" / UPLOAD_FOLDER / person, ignore_errors=True)
         return {"status": "trained", "first_step": steps[0] if steps else None,
                 "last_step": steps[-1] if steps else None}
 
@@ -131,19 +170,6 @@ class PersonTrainer:
 
 
 # ------------------------------------------------------------------------------------------------ driver
-
-
-def checkpoint_step(out_dir: Path, name: str) -> int | None:
-    """The step of --out/checkpoints/<name>.sefi-train, or None when there is none that reads."""
-    path = out_dir / "checkpoints" / f"{name}{CHECKPOINT_SUFFIX}"
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            return int((f.metadata() or {})["sefi.step"])
-    except Exception:  # not a checkpoint (or damaged): the trainer reports it if it is resumed
-        return None
 
 
 def progress_line(trained: int, failed: int, total: int, seconds: float, width: int = 20) -> str:
@@ -212,10 +238,13 @@ class RayJob:
                 self._finish(task, Result(name, "trained", time.monotonic() - task.started,
                                           f"{name}.safetensors (saved before its worker was lost)", task.worker))
                 continue
-            step = checkpoint_step(self.out_dir, name)
-            resume = name if step is not None and step < int(self.train_inputs.get("steps", 0)) else ""
-            log(f"[{label}] {name}: start, {len(task.person.photos)} photo(s)"
-                + (f", resuming from its checkpoint at step {step}" if resume else "")
+            try:
+                resume, note = resume_plan(self.out_dir, name, int(self.train_inputs["steps"]))
+            except CannotResume as exc:
+                self.idle.append(label)
+                self._finish(task, Result(name, "failed", 0.0, str(exc), label))
+                continue
+            log(f"[{label}] {name}: start, {len(task.person.photos)} photo(s)" + (f", {note}" if note else "")
                 + (f" (attempt {task.losses + 1})" if task.losses else ""))
             task.started, task.worker = time.monotonic(), label
             ref = self.workers[label].handle.train.remote(name, [str(p) for p in task.person.photos],
@@ -262,15 +291,18 @@ class RayJob:
         name = task.person.name
         try:
             out = ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) \
-                as exc:
-            self._lose(label, task, type(exc).__name__)
-            return
         except ray.exceptions.RayTaskError as exc:  # WorkerLost, or an error outside the person's training
             if isinstance(exc.cause, WorkerLost):
                 self._lose(label, task, str(exc.cause))
                 return
             out = {"status": "failed", "message": f"{type(exc.cause).__name__}: {exc.cause}"}
+        except ray.exceptions.RayError as exc:  # the actor, its process, node or result is gone, whatever the type
+            self._lose(label, task, type(exc).__name__)
+            return
+        except Exception as exc:  # anything else stays this person's failure; the job goes on
+            out = {"status": "failed", "message": f"{type(exc).__name__}: {exc}"}
+        for said in dict.fromkeys(out.get("warnings", [])):
+            log(f"[{label}] {name}: warning: {said}")
         seconds = time.monotonic() - task.started
         self.idle.append(label)
         if out["status"] == "trained":

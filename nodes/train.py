@@ -15,23 +15,27 @@ import numpy as np
 import torch
 
 from . import host
+from .edges import checked_inputs
 from .identity import CATEGORY, IDENTITY
-from .people_check import check_one_person
+from .prompt_encoding import embedding_norms
 from .sampling_support import check_model_sampling
 from .sample_renders import SampleSpec, render_samples, sample_prompts
 from .snapshots import existing_snapshots, remove_snapshots
+from .train_options import NODE_NAME as OPTIONS_NODE_NAME
 from .train_options import TRAINING_OPTIONS, SeFiTrainingOptions, training_options
 from .training_watch import PREVIEW_EVERY, TrainingWatch, WatchSettings
 from .train_policies import (CHECKPOINT_SUFFIX, PARAMETRISATIONS, check_name, check_resume_structure,
                              checkpoint_dir, identity_dir, load_checkpoint, log_resume_changes,
                              remove_stale_temp_files, resolve_checkpoint)
-from .edges import checked_inputs
 from .training import (DTYPE_NAMES, PRECISION_CHOICES, SefiStep, TextEncoder, attention_picture,
                        check_compile_available, compile_mode, fit_image, fit_mask, peak_memory_bytes,
                        reset_peak_memory, training_context)
+from .training_photos import check_one_person, compare_with_checkpoint, drop_faceless, photo_records, survey
 from ..sefi_core.generator import build_generator, rebuild_generator
-from ..sefi_core.identity import Identity, hash_array, save_identity
+from ..sefi_core.identity import Identity, save_identity
 from ..sefi_core.plot import render_loss_curve, term_shares
+from ..sefi_core.token_scale import TokenScaleError
+from ..sefi_core.tokens import check_trigger_apart_from_templates
 from ..sefi_core.train_state import save_train_state
 from ..sefi_core.training import TrainSettings, run_training
 
@@ -42,23 +46,15 @@ LOG_EVERY = 25
 
 PROGRESS_HOOKS: list = []
 """Callables (step, total, loss, parts) run after every step; for tests and tools (e.g. to press Cancel)."""
-
-
-def drop_faceless(pics: list, masks: list | None, name: str) -> tuple[list, list | None]:
-    """Drop images that hold no face: SeFi Face Mask's all-black placeholder crop (on_no_face=skip) or an all-zero
-    mask. Each dropped index is logged; none left is an error."""
-    empty = [i for i, p in enumerate(pics)
-             if float(p[..., :3].max()) == 0.0 or (masks is not None and float(masks[i].max()) == 0.0)]
-    if not empty:
-        return pics, masks
-    if len(empty) == len(pics):
-        raise ValueError(f"none of the {len(pics)} image(s) holds a face: each crop is black or its mask is empty "
-                         f"(SeFi Face Mask found no face and, set to skip such images, passed on its placeholder). "
-                         f"Give photos in which SeFi Face Mask finds a face, or check its face selection")
-    log.warning("[SeFi] %s: dropped image(s) %s of %d (indices from 0): black crop or empty mask, no face",
-                name, ", ".join(map(str, empty)), len(pics))
-    keep = [i for i in range(len(pics)) if i not in empty]
-    return [pics[i] for i in keep], None if masks is None else [masks[i] for i in keep]
+NODE_NAME = "SeFi Train Identity"
+HOST_OBJECTS = ("model", "clip", "vae")
+"""Inputs checked where they are first used: every refusal that needs no model comes before them."""
+WIDGETS = ("name", "trigger", "initializer", "steps", "learning_rate", "stages", "vectors_per_token",
+           "parametrisation", "kv_split", "attention_loss", "attention_weight", "loss_sites", "masked_diffusion_loss",
+           "prompt_templates", "flip_augmentation", "scale_augmentation", "seed", "resolution", "batch_size",
+           "checkpoint_every", "resume_from", "overwrite", "precision", "gradient_checkpointing", "keep_checkpoint",
+           "allow_multiple_people", "compile_unet")
+"""The node's single-value inputs, in the order train() unpacks them (INPUT_IS_LIST hands each over as a list)."""
 
 
 def _one(x):
@@ -142,12 +138,15 @@ class SeFiTrainIdentity:
         """The node's inputs; Python callers (tools, tests) may also give options as keywords, which take the
         place of the connected options' values."""
         chosen = training_options(_one(options))
-        chosen.update(checked_inputs(SeFiTrainingOptions, "SeFi Training Options",
+        chosen.update(checked_inputs(SeFiTrainingOptions, OPTIONS_NODE_NAME,
                                      {k: _one(v) for k, v in training_options(option_values).items()
                                       if k in option_values}))
-        preview_every, sample_prompt, sample_every, save_every = map(
-            _one, (preview_every, sample_prompt, sample_every, save_every))
-        watch = WatchSettings(int(preview_every), sample_prompts(str(sample_prompt), str(_one(trigger))),
+        watched = checked_inputs(SeFiTrainIdentity, NODE_NAME, dict(
+            preview_every=preview_every, sample_prompt=sample_prompt, sample_every=sample_every,
+            save_every=save_every, trigger=trigger))
+        preview_every, sample_prompt, sample_every, save_every, trigger_word = (_one(watched[k]) for k in (
+            "preview_every", "sample_prompt", "sample_every", "save_every", "trigger"))
+        watch = WatchSettings(int(preview_every), sample_prompts(str(sample_prompt), str(trigger_word)),
                               int(sample_every), int(save_every))
         return self._train(model, clip, vae, images, name, trigger, initializer, steps, learning_rate,
                            resolution=resolution, mask=mask, watch=watch, **chosen)
@@ -160,18 +159,19 @@ class SeFiTrainIdentity:
                resume_from="", overwrite=False, precision="auto", gradient_checkpointing=False, mask=None,
                keep_checkpoint=False, allow_multiple_people=False, compile_unet=False,
                watch: WatchSettings = WatchSettings()):
-        model, clip, vae = _one(model), _one(clip), _one(vae)
+        checked = checked_inputs(SeFiTrainIdentity, NODE_NAME, {key: value for key, value in locals().items()
+                                                               if key not in ("self", "watch", *HOST_OBJECTS)})
+        images, mask = checked["images"], checked["mask"]
         (name, trigger, initializer, steps, learning_rate, stages, vectors_per_token, parametrisation, kv_split,
          attention_loss, attention_weight, loss_sites, masked_diffusion_loss, prompt_templates,
          flip_augmentation, scale_augmentation, seed, resolution, batch_size, checkpoint_every, resume_from,
-         overwrite, precision, gradient_checkpointing, keep_checkpoint, allow_multiple_people, compile_unet) = map(
-            _one, (name, trigger, initializer, steps, learning_rate, stages, vectors_per_token, parametrisation,
-                   kv_split, attention_loss, attention_weight, loss_sites, masked_diffusion_loss, prompt_templates,
-                   flip_augmentation, scale_augmentation, seed, resolution, batch_size, checkpoint_every,
-                   resume_from, overwrite, precision, gradient_checkpointing, keep_checkpoint,
-                   allow_multiple_people, compile_unet))
+         overwrite, precision, gradient_checkpointing, keep_checkpoint, allow_multiple_people, compile_unet) = (
+            _one(checked[key]) for key in WIDGETS)
+        model, clip, vae = _one(model), _one(clip), _one(vae)
         name = check_name(name)  # names, files and resume_from are checked before the model is touched
         out_path = identity_dir() / f"{name}.safetensors"
+        ckpt_path = checkpoint_dir() / f"{name}{CHECKPOINT_SUFFIX}"
+        remove_stale_temp_files([out_path, ckpt_path], name)  # this name's debris, whatever is refused next
         if out_path.exists() and not overwrite:
             raise FileExistsError(f"an identity named '{name}' already exists ({out_path}); pick another name or "
                                   f"set overwrite to true")
@@ -185,8 +185,8 @@ class SeFiTrainIdentity:
             attention_weight=float(attention_weight), loss_sites=loss_sites,
             masked_diffusion=bool(masked_diffusion_loss), templates=templates, reference_word="person",
             flip=bool(flip_augmentation), scale_augment=bool(scale_augmentation), resolution=int(resolution),
-            precision="fp32")  # the resolved dtype's name is filled in once the model is loaded
-        ckpt_path = checkpoint_dir() / f"{name}{CHECKPOINT_SUFFIX}"
+            initializer=str(initializer), precision="fp32")  # the dtype's name is filled in once the model is loaded
+        check_trigger_apart_from_templates(trigger, templates)
         resume_path = resolve_checkpoint(resume_from) if str(resume_from).strip() else None
         if ckpt_path.exists() and resume_path != ckpt_path and not overwrite:
             raise FileExistsError(
@@ -207,7 +207,6 @@ class SeFiTrainIdentity:
                 start_state = load_checkpoint(resume_path, resume_from)
             check_resume_structure(start_state, kind, int(stages), int(vectors_per_token), bool(kv_split),
                                    resume_from)
-        remove_stale_temp_files([out_path, ckpt_path], name)
 
         pics = _image_list(images)
         mlist = None
@@ -219,11 +218,15 @@ class SeFiTrainIdentity:
                 mlist = mlist * len(pics)
             if len(mlist) != len(pics):
                 raise ValueError(f"{len(mlist)} masks for {len(pics)} images; give one mask per image")
-        pics, mlist = drop_faceless(pics, mlist, name)
-        check_one_person(pics, bool(allow_multiple_people))
-        image_hashes = [hash_array((p[..., :3].float().cpu().numpy() * 255).round().astype(np.uint8)) for p in pics]
+        pics, mlist, found = drop_faceless(pics, mlist, survey(pics), name)
+        check_one_person(found, allow_multiple_people)
+        photos, changed_photos = photo_records(pics, found), None
+        if start_state is not None:
+            photos, changed_photos = compare_with_checkpoint(photos, start_state.photos, allow_multiple_people,
+                                                             resume_from, name)
         masks = None if mlist is None else torch.cat([fit_mask(m.float().cpu(), settings.resolution) for m in mlist])
-        check_model_sampling(model, "SeFi Train Identity")
+        checked_inputs(SeFiTrainIdentity, NODE_NAME, {"model": model, "clip": clip, "vae": vae})
+        check_model_sampling(model, NODE_NAME)
         if compile_unet:
             check_compile_available(model.load_device)
 
@@ -233,11 +236,14 @@ class SeFiTrainIdentity:
         with training_context(model, clip, precision) as dtype:
             settings.precision = DTYPE_NAMES[dtype]
             changed = log_resume_changes(start_state, settings, name) if start_state is not None else {}
+            if changed_photos is not None:
+                changed["photos"] = changed_photos
             reset_peak_memory(device)
             pixels = torch.cat([fit_image(p.float().cpu().clone(), settings.resolution) for p in pics])
             encoder = TextEncoder(clip)
+            norms = embedding_norms(clip)
             step_fn = SefiStep(model, clip, vae, pixels, masks, settings, trigger, int(vectors_per_token), encoder,
-                               initializer)
+                               settings.initializer)
             if start_state is not None:
                 generator = rebuild_generator(start_state.generator_config)
                 if sorted(generator.encoders) != sorted(encoder.encoders):
@@ -250,15 +256,16 @@ class SeFiTrainIdentity:
                                             stages=int(stages), vectors_per_token=int(vectors_per_token),
                                             kv_split=bool(kv_split), seed=int(seed))
             generator.to(model.load_device)
-            watcher = self._watcher(watch, settings, name, generator, encoder, trigger, initializer, kind,
-                                    image_hashes, (model, clip, vae), start_state)
+            watcher = self._watcher(watch, settings, name, generator, encoder, trigger, settings.initializer, kind,
+                                    photos, norms, (model, clip, vae), start_state)
             started = time.perf_counter()
             with step_fn.unet.compiled(bool(compile_unet)) as compiled_blocks, \
                     step_fn.unet.checkpointing(bool(gradient_checkpointing)):
                 if compiled_blocks:
                     log.info("[SeFi] %s: compiling %d U-Net blocks (mode %s); the first step waits for it", name,
                              compiled_blocks, compile_mode(model.load_device))
-                result = self._run(generator, step_fn, settings, start_state, ckpt_path, name, watcher)
+                result = self._run(generator, step_fn, settings, start_state, ckpt_path, name, photos, norms,
+                                   resume_from, watcher)
             watcher.report(time.perf_counter() - started)
             peak = peak_memory_bytes(device)
             generator.eval()
@@ -276,7 +283,8 @@ class SeFiTrainIdentity:
                         compile_unet=bool(compile_unet))
         if start_state is not None:
             training.update(resumed_at_step=int(start_state.step), changed_on_resume=changed)
-        identity = Identity(encoder.family, tokens, trigger, initializer, training, tuple(image_hashes))
+        identity = Identity(encoder.family, tokens, trigger, initializer, training,
+                            tuple(r["sha256"] for r in photos), norms)
         if out_path.exists() and not overwrite:
             raise FileExistsError(f"an identity named '{name}' appeared while training ({out_path}); the "
                                   f"checkpoint {ckpt_path} holds the result; resume it under another name")
@@ -292,7 +300,8 @@ class SeFiTrainIdentity:
 
     @staticmethod
     def _watcher(watch: WatchSettings, settings: TrainSettings, name: str, generator, encoder, trigger: str,
-                 initializer: str, kind: str, image_hashes, models, start_state) -> TrainingWatch:
+                 initializer: str, kind: str, photos: list[dict], norms: dict[str, float], models,
+                 start_state) -> TrainingWatch:
         """The run's TrainingWatch: its progress bar, snapshots of the generator as it is, sample renders."""
         model, clip, vae = models
 
@@ -304,10 +313,16 @@ class SeFiTrainIdentity:
             finally:
                 generator.train()
             training = {**settings.to_dict(), "parametrisation": kind, "steps_done": step, "snapshot_of": name}
-            return Identity(encoder.family, tokens, trigger, initializer, training, tuple(image_hashes))
+            try:
+                return Identity(encoder.family, tokens, trigger, initializer, training,
+                                tuple(r["sha256"] for r in photos), norms)
+            except TokenScaleError as e:  # never a snapshot (or a sample) of tokens that have blown up
+                raise ValueError(f"training diverged by step {step}: {e}; no snapshot of it was written. Try a "
+                                 f"lower learning_rate") from e
 
         spec = SampleSpec(watch.sample_prompts, seed=settings.seed, resolution=settings.resolution)
-        render = (lambda identity: render_samples(model, clip, vae, identity, spec, on_step=host.raise_if_interrupted))
+        render = (lambda identity: render_samples(model, clip, vae, identity, spec,
+                                                  on_step=host.raise_if_interrupted))
         bar = host.progress_bar(settings.steps)
         if start_state is not None:
             bar.update(int(start_state.step))
@@ -315,7 +330,8 @@ class SeFiTrainIdentity:
         parts = start_state.parts_history if start_state is not None else ()
         return TrainingWatch(watch, bar, name, identity_dir(), current_identity, render, history, parts)
 
-    def _run(self, generator, step_fn, settings, start_state, ckpt_path: Path, name: str, watch: TrainingWatch):
+    def _run(self, generator, step_fn, settings, start_state, ckpt_path: Path, name: str, photos: list[dict],
+             norms: dict[str, float], resume_from: str, watch: TrainingWatch):
         total = settings.steps
         saved_step = [start_state.step if start_state is not None else None]
         t0 = time.monotonic()
@@ -335,6 +351,7 @@ class SeFiTrainIdentity:
 
         def save(state):
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            state.photos = photos
             save_train_state(state, ckpt_path)
             saved_step[0] = state.step
 
@@ -342,8 +359,10 @@ class SeFiTrainIdentity:
             # run_training checkpoints the last completed step whichever host call raises the interrupt
             return run_training(generator, step_fn, settings, start_state=start_state, on_progress=on_progress,
                                 should_stop=should_stop, save_checkpoint=save,
-                                interrupts=(host.InterruptProcessingException,),
+                                interrupts=(host.InterruptProcessingException,), token_norms=norms,
                                 settle_at=watch.needs_parameters_at)
+        except TokenScaleError as e:  # the checkpoint resume_from names holds tokens that had blown up
+            raise ValueError(f"resume_from={resume_from}: {e}") from e
         except host.InterruptProcessingException:
             log.info("[SeFi] %s: interrupted at step %s/%d, checkpoint %s (to continue: resume_from=%s)", name,
                      saved_step[0], total, ckpt_path, name)

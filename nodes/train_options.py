@@ -10,12 +10,14 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+from .edges import checked_inputs
 from .identity import CATEGORY
 from .train_policies import PARAMETRISATIONS
 from .training import PRECISION_CHOICES
 from ..sefi_core.training import LOSS_SITES
 
 TRAINING_OPTIONS = "SEFI_TRAINING_OPTIONS"
+NODE_NAME = "SeFi Training Options"
 CHECKPOINT_SIZE_HINT = ("400 MB for SD1.5, 1.5 GB for SDXL with the self-attention generator; under 1 MB for "
                         "direct tokens")
 
@@ -104,7 +106,7 @@ class SeFiTrainingOptions:
     CATEGORY = CATEGORY
 
     def options(self, **values):
-        return (MappingProxyType(training_options(values)),)
+        return (MappingProxyType(training_options(checked_inputs(SeFiTrainingOptions, NODE_NAME, values))),)
 
 
 NODE_CLASS_MAPPINGS = {"SeFiTrainingOptions": SeFiTrainingOptions}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import unicodedata
 from pathlib import Path
 
 from . import host
@@ -29,10 +30,15 @@ def checkpoint_dir() -> Path:
 
 MAX_FILE_NAME_BYTES = 255
 """The common file-name limit (ext4, NTFS, APFS, …); every file the trainer writes must fit, temp files included."""
-WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
-WINDOWS_INVALID_CHARS = set('<>:"|?*')
-VALID_NAME_HINT = ("a valid name is a plain file name such as 'my_face': letters, digits, '-', '_' and '.', "
-                   "no folders, not starting with '.'")
+WINDOWS_DEVICES = ("CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$", *(f"COM{i}" for i in "0123456789¹²³"),
+                   *(f"LPT{i}" for i in "0123456789¹²³"))
+"""Names Windows reserves for devices, also with any extension (learn.microsoft.com: "Naming Files, Paths, and
+Namespaces")."""
+NAME_PUNCTUATION = set("-_. ")
+VALID_NAME_HINT = ("a valid name is a plain file name such as 'my_face': letters and digits (any script), '-', '_', "
+                   "'.' and spaces between them; not starting with '.', not ending with '.' or a space, not a "
+                   "Windows device name (CON, PRN, AUX, NUL, CONIN$, CONOUT$, COM0-COM9, LPT0-LPT9, COM¹-COM³, "
+                   "LPT¹-LPT³), no folders")
 
 
 def produced_file_names(name: str) -> list[str]:
@@ -64,11 +70,11 @@ def check_name(name: str) -> str:
         raise bad("must not start with '.' (hidden files)")
     if name != name.strip() or name.endswith("."):
         raise bad("must not start or end with a space, nor end with '.' (Windows cannot open such files)")
-    invalid = sorted(set(name) & WINDOWS_INVALID_CHARS)
+    if name.split(".")[0].strip().upper() in WINDOWS_DEVICES:
+        raise bad("is a device name on Windows")
+    invalid = sorted({c for c in name if c not in NAME_PUNCTUATION and not _letter_or_digit(c)})
     if invalid:
-        raise bad(f"contains {' '.join(invalid)}, which Windows does not allow in file names")
-    if name.split(".")[0].strip().upper() in WINDOWS_RESERVED:
-        raise bad(f"is a device name on Windows ({', '.join(sorted(WINDOWS_RESERVED)[:4])}, COM1…, LPT1…)")
+        raise bad(f"contains {' '.join(repr(c) for c in invalid[:8])}")
     longest = max(produced_file_names(name), key=lambda f: len(f.encode("utf-8")))
     excess = len(longest.encode("utf-8")) - MAX_FILE_NAME_BYTES
     if excess > 0:
@@ -76,6 +82,11 @@ def check_name(name: str) -> str:
                   f"{MAX_FILE_NAME_BYTES}-byte file-name limit; shorten it by at least {excess} bytes "
                   f"(UTF-8)")
     return name
+
+
+def _letter_or_digit(c: str) -> bool:
+    """A letter of any script (with its combining marks) or a decimal digit — not ², ½ or other number signs."""
+    return unicodedata.category(c)[0] in "LM" or unicodedata.category(c) == "Nd"
 
 
 def checkpoint_dirs() -> list[Path]:

@@ -113,8 +113,8 @@ def attention_with_probs(
     Returns ``out [b, nq, heads*dv]`` (same as
     ``scaled_dot_product_attention`` with default scale ``1/sqrt(dh)``, in ``v``'s dtype) and
     ``probs_cols [b, heads, nq, len(columns)]`` (float32 when ``upcast``; ``columns=None``
-    returns every column; every form of ``columns`` is range-checked, a ColumnIndex without a device read-back). Gradients flow to ``q``, ``k``
-    and ``v`` through both outputs.
+    returns every column; every form of ``columns`` is range-checked, a ColumnIndex without a device
+    read-back). Gradients flow to ``q``, ``k`` and ``v`` through both outputs.
 
     ``upcast`` computes scores and softmax in float32 — a bf16/fp16 softmax is too coarse for
     the tiny per-token probabilities the loss compares (ComfyUI's ``attn_precision`` does the

@@ -35,6 +35,9 @@ class TrainState:
     parts_history: list[dict[str, float]] = field(default_factory=list)
     loss_scale: dict[str, Any] | None = None
     """The fp16 loss scaler's state (:class:`sefi_core.loss_scale.DynamicLossScale`); None for bf16/fp32 runs."""
+    photos: list[dict[str, Any]] = field(default_factory=list)
+    """What the run has trained on, as the glue records it (JSON values: per photo its sha256 and its face's
+    identity descriptor), so that a resumed run can be compared with it. Empty in checkpoints that predate it."""
 
 
 class TrainStateFileError(ValueError):
@@ -81,6 +84,7 @@ def _state_to_file_parts(state: TrainState) -> tuple[dict[str, Tensor], dict[str
         "sefi.optimizer.param_groups": json.dumps(groups),
         "sefi.optimizer.scalars": json.dumps(scalars),
         "sefi.loss_scale": json.dumps(state.loss_scale),
+        "sefi.photos": json.dumps(state.photos),
     }
     return tensors, metadata
 
@@ -98,7 +102,7 @@ def save_train_state(state: TrainState, path: str | os.PathLike[str]) -> Path:
 
     Layout: tensors ``generator/<state_dict key>`` and ``optimizer/state/<param index>/<name>``
     (Adam's ``exp_avg``, ``exp_avg_sq``, ``step``); everything else (step, histories,
-    settings, generator config, param groups, non-tensor optimiser values) as JSON strings in
+    settings, generator config, param groups, non-tensor optimiser values, photos) as JSON strings in
     the safetensors metadata under ``sefi.*``.
     """
     tensors, metadata = _state_to_file_parts(state)
@@ -146,6 +150,7 @@ def load_train_state(path: str | os.PathLike[str]) -> TrainState:
             generator_config=json.loads(metadata["sefi.generator_config"]),
             parts_history=json.loads(metadata.get("sefi.parts_history", "[]")),
             loss_scale=json.loads(metadata.get("sefi.loss_scale", "null")),
+            photos=json.loads(metadata.get("sefi.photos", "[]")),
         )
     except (KeyError, ValueError) as e:
         raise TrainStateFileError(f"{p.name} is a damaged SeFi training checkpoint ({e!r})") from e

@@ -33,7 +33,7 @@ from .grad_share import backward_with_shares
 from .loss_scale import DynamicLossScale
 from .losses import ATTENTION_REDUCTIONS
 from .step_sync import PendingSteps, choose_sync
-from .token_scale import token_scale_problem
+from .token_scale import TokenScaleError, token_scale_problem
 from .train_state import TrainState
 
 __all__ = [
@@ -138,6 +138,9 @@ class TrainSettings:
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     reference_word: str = "person"
     """Fills the template for the reference prompt ("a photo of the face of person")."""
+    initializer: str = "person"
+    """The word the tokens start from; SDXL's pooled conditioning ``y`` is also built from the prompt with it in
+    the trigger's place, so it shapes every step, not only the start."""
     flip: bool = False
     """Horizontal flip augmentation; off by default: a face is not mirror-symmetric (docs/method.md)."""
     scale_augment: bool = False
@@ -191,6 +194,10 @@ class TrainSettings:
         need(
             bool(self.reference_word.strip()) and " " not in self.reference_word.strip(),
             f"reference_word must be a single word such as 'person', got {self.reference_word!r}",
+        )
+        need(
+            bool(self.initializer) and not any(c.isspace() for c in self.initializer),
+            f"initializer must be a single word such as 'person', got {self.initializer!r}",
         )
         need(
             len(self.scale_range) == 2 and 0 < self.scale_range[0] <= self.scale_range[1],
@@ -433,7 +440,7 @@ def run_training(
     a run can blow its tokens up to finite but enormous values (~1e30) that no NaN check sees and that sample
     black pictures. Every checkpoint (and the final state) is measured against it first: tokens far beyond it stop
     the run with :class:`TrainingDivergedError` and nothing is written; a ``start_state`` holding such tokens is
-    refused with a ``ValueError``.
+    refused with a :class:`sefi_core.token_scale.TokenScaleError` (a ``ValueError``).
     """
     settings.validate()
     params = _trainable(generator)
@@ -447,9 +454,9 @@ def run_training(
         generator.load_state_dict(start_state.generator)
         blown_up = _blown_up(generator, token_norms)
         if blown_up:
-            raise ValueError(f"the checkpoint (step {start_state.step}) holds tokens that have blown up: {blown_up}. "
-                             "It was written by a diverged run: resume from a checkpoint written before it diverged, "
-                             "or start a new run with a lower learning_rate")
+            raise TokenScaleError(f"the checkpoint (step {start_state.step}) holds tokens that have blown up: "
+                                  f"{blown_up}. It was written by a diverged run: resume from a checkpoint written "
+                                  "before it diverged, or start a new run with a lower learning_rate")
         optimizer.load_state_dict(_in_this_runs_mode(start_state.optimizer, optimizer))
         step0 = int(start_state.step)
         history = [float(x) for x in start_state.loss_history]

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from batch import cli
+from batch import cli, people as batch_people
 from tools.dev_requirements import import_required
 
 ray = import_required("ray", reason="needs the ray extra (pip install 'sefi-ide[ray]')")
@@ -34,6 +35,17 @@ def people(tmp_path, people_folder):
 
 def _rows(text: str) -> dict[str, tuple[str, ...]]:
     return {m.group(1): m.groups() for m in map(ROW.match, text.splitlines()) if m}
+
+
+def _run_watched(people, out, tiny_sd15, watch, capsys) -> tuple[int, str, dict[str, tuple[str, ...]]]:
+    """The batch CLI with `watch` among the driver's hooks: (exit code, its output, its summary rows)."""
+    ray_engine.WATCH_HOOKS.append(watch)
+    try:
+        rc = cli.main([str(people), "--out", str(out), "--checkpoint", str(tiny_sd15), *ARGS])
+    finally:
+        ray_engine.WATCH_HOOKS.remove(watch)
+    text = capsys.readouterr().out
+    return rc, text, _rows(text)
 
 
 def _in_process_identity(host, sd15, face_photo, person: str):
@@ -60,19 +72,13 @@ def test_ray_workers_survive_a_kill_and_match_the_in_process_trainer(people, tmp
         if killed:
             return
         for name, worker in job.running().items():
-            step = ray_engine.checkpoint_step(out, name)
+            step = batch_people.checkpoint_step(out, name)
             if step is not None and step >= EVERY:
                 killed.append((name, step))
                 ray.kill(worker, no_restart=True)
                 return
 
-    ray_engine.WATCH_HOOKS.append(kill_after_first_checkpoint)
-    try:
-        rc = cli.main([str(people), "--out", str(out), "--checkpoint", str(tiny_sd15), *ARGS])
-    finally:
-        ray_engine.WATCH_HOOKS.remove(kill_after_first_checkpoint)
-    text = capsys.readouterr().out
-    rows = _rows(text)
+    rc, text, rows = _run_watched(people, out, tiny_sd15, kill_after_first_checkpoint, capsys)
     assert rc == cli.EXIT_FAILED, text
     assert all(rows[p][1] == "trained" for p in PHOTOS), text
     assert rows["nobody"][1] == "failed" and "no face found in photo noise.png" in rows["nobody"][4], text
@@ -113,6 +119,60 @@ def test_ray_workers_survive_a_kill_and_match_the_in_process_trainer(people, tmp
     text = capsys.readouterr().out
     assert rc == cli.EXIT_OK, text
     assert "0 trained, 3 skipped, 0 failed" in text and "Ray" not in text
+
+
+def _seed_checkpoint(host, sd15, face_photo, out, person: str, photo: str, steps: int, **train) -> None:
+    """--out/checkpoints/<person>.sefi-train at `steps`, trained in this process on the crop a worker makes."""
+    mask_inputs = {"backend": "dlib", "which_face": "largest", "crop_size": 64, "on_no_face": "error"}
+    crop = host.run("SeFiFaceMask", image=face_photo(photo), **mask_inputs)[1]
+    model, clip, vae = sd15
+    host.run("SeFiTrainIdentity", model=model, clip=clip, vae=vae, images=crop, name=f"ray_seed_{person}",
+             overwrite=True, keep_checkpoint=True, trigger="sks", seed=0, **{**TRAIN, "steps": steps, **train})
+    source = Path(host.folder_paths.models_dir) / "sefi_identities" / "checkpoints" / f"ray_seed_{person}.sefi-train"
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, out / "checkpoints" / f"{person}.sefi-train")
+
+
+def test_ray_never_redoes_nor_loses_work(tmp_path, people_folder, tiny_sd15, host, sd15, face_photo, monkeypatch,
+                                         capsys):
+    """A worker lost after its person's last checkpoint but before the identity was saved: the person restarted
+    from step 0 (the test was step < steps); a longer run's checkpoint was overwritten while the log said it
+    resumed; a Ray error other than the four caught ended the whole job; the trainer's warnings never reached
+    the user (log_to_driver=False)."""
+    people = people_folder(tmp_path / "people", {"done": ["obama_1.jpg"], "longer": ["biden_1.jpg"],
+                                                 "flaky": ["rose_leslie_1.jpg"]})
+    out = tmp_path / "identities"
+    _seed_checkpoint(host, sd15, face_photo, out, "done", "obama_1.jpg", STEPS, learning_rate=1e-2)
+    _seed_checkpoint(host, sd15, face_photo, out, "longer", "biden_1.jpg", STEPS + 2)
+    longer_before = (out / "checkpoints" / "longer.sefi-train").read_bytes()
+    flaky_refs: list = []
+    injected: list = []
+    real_get = ray.get
+
+    def note_flaky(job: ray_engine.RayJob) -> None:
+        flaky_refs.extend(ref for ref, (_, task) in job.in_flight.items() if task.person.name == "flaky")
+
+    def get(ref, *args, **kwargs):  # a Ray error none of the four types caught before
+        if ref in flaky_refs and not injected:
+            injected.append(ref)
+            raise ray.exceptions.RaySystemError("the object store went away (injected)")
+        return real_get(ref, *args, **kwargs)
+
+    monkeypatch.setattr(ray_engine.ray, "get", get)
+    rc, text, rows = _run_watched(people, out, tiny_sd15, note_flaky, capsys)
+    assert rc == cli.EXIT_FAILED, text
+    assert "done: start, 1 photo(s), its checkpoint is at the last step (6): saving the identity from it" in text
+    assert rows["done"][1] == "trained" and "no steps left to train" in rows["done"][4], text
+    from sefi_core.identity import load_identity
+    done = load_identity(out / "done.safetensors")
+    assert done.training["resumed_at_step"] == STEPS and done.training["steps_done"] == STEPS
+    assert re.search(r"done: warning: resuming with different settings \['lr'\]", text), text
+    assert rows["longer"][1] == "failed" and "is at step 8, beyond --steps 6" in rows["longer"][4], text
+    assert (out / "checkpoints" / "longer.sefi-train").read_bytes() == longer_before
+    assert not (out / "longer.safetensors").exists() and "longer: start" not in text
+    assert injected and "lost (RaySystemError); flaky goes back to the queue" in text, text
+    assert rows["flaky"][1] == "trained", text
+    assert not ray.is_initialized()
 
 
 def test_engine_options_are_checked(tmp_path, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -62,8 +63,23 @@ def _rows(text: str) -> dict[str, tuple[str, ...]]:
     return {m.group(1): m.groups() for m in map(ROW.match, text.splitlines()) if m}
 
 
-def test_two_servers_train_two_report_one_then_skip(people, two_servers, tiny_sd15, capsys):
+def _cut_off_run(host, sd15, face_photo, out, person: str, photo: str, steps: int) -> None:
+    """--out/checkpoints/<person>.sefi-train at `steps`, as a run cut off after that checkpoint leaves it (trained
+    in this process on the crop the graph makes, with the inputs it gives)."""
+    crop = host.run("SeFiFaceMask", image=face_photo(photo), backend="dlib", which_face="largest", crop_size=64,
+                    on_no_face="error")[1]
+    model, clip, vae = sd15
+    host.run("SeFiTrainIdentity", model=model, clip=clip, vae=vae, images=crop, name=f"http_seed_{person}",
+             overwrite=True, keep_checkpoint=True, trigger="sks", steps=steps, resolution=64,
+             parametrisation="direct tokens", stages=1)
+    source = Path(host.folder_paths.models_dir) / "sefi_identities" / "checkpoints" / f"http_seed_{person}.sefi-train"
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, out / "checkpoints" / f"{person}.sefi-train")
+
+
+def test_two_servers_train_two_report_one_then_skip(people, two_servers, tiny_sd15, host, sd15, face_photo, capsys):
     out, urls, bases = two_servers
+    _cut_off_run(host, sd15, face_photo, out, "biden", "biden_1.jpg", 1)  # resumed, not trained again from 0
     rc = cli.main([str(people), "--out", str(out), "--server", *urls, "--checkpoint", tiny_sd15.name, *FAST])
     text = capsys.readouterr().out
     print(text)
@@ -77,6 +93,9 @@ def test_two_servers_train_two_report_one_then_skip(people, two_servers, tiny_sd
     for person in ("obama", "biden"):
         identity = load_identity(out / f"{person}.safetensors")
         assert identity.training["steps_done"] == 2 and identity.trigger == "sks"
+    assert "biden: resuming from its checkpoint at step 1" in text
+    assert load_identity(out / "biden.safetensors").training["resumed_at_step"] == 1
+    assert "resumed_at_step" not in load_identity(out / "obama.safetensors").training
     assert not (out / "nobody.safetensors").exists()
     # the photos went through the upload API into each server's own input folder, not through a shared disk
     uploaded = {p.parent.name for b in bases for p in (b / "input" / UPLOAD_FOLDER).rglob("*.*")}
@@ -90,6 +109,23 @@ def test_two_servers_train_two_report_one_then_skip(people, two_servers, tiny_sd
     assert rc == cli.EXIT_FAILED, text
     assert rows["obama"][1] == rows["biden"][1] == "skipped" and rows["nobody"][1] == "failed", text
     assert "starting local ComfyUI 1/1" in text and "0 trained, 2 skipped, 1 failed" in text
+
+
+def test_where_a_cut_off_run_resumes(tmp_path):
+    """Its checkpoint whatever step it reached, also the last one (the identity was not saved yet); a longer run's
+    checkpoint is the person's failure, never replaced."""
+    from sefi_core.train_state import TrainState, save_train_state
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    for name, step in (("half", 3), ("last", 6), ("longer", 9)):
+        save_train_state(TrainState({}, {}, step, [], {}), out / "checkpoints" / f"{name}.sefi-train")
+    (out / "checkpoints" / "junk.sefi-train").write_bytes(b"not a checkpoint")
+    assert batch_people.resume_plan(out, "half", 6) == ("half", "resuming from its checkpoint at step 3")
+    assert batch_people.resume_plan(out, "last", 6) == ("last", "its checkpoint is at the last step (6): saving the "
+                                                                 "identity from it")
+    assert batch_people.resume_plan(out, "new", 6) == batch_people.resume_plan(out, "junk", 6) == ("", "")
+    with pytest.raises(batch_people.CannotResume, match=r"is at step 9, beyond --steps 6: give --steps 9 or more"):
+        batch_people.resume_plan(out, "longer", 6)
 
 
 def test_settled_without_a_server(tmp_path, people, capsys):
@@ -123,7 +159,7 @@ def test_graph_shape_and_usage_errors(tmp_path, capsys):
     mask_info = {"input": {"required": {"image": ["IMAGE"], "crop_size": ["INT", {"default": 512}],
                                         "backend": ["COMBO", {"options": ["auto", "dlib"]}]}}}
     graph, owners = http_engine.build_graph("ann", ["a/0.png", "a/1.png", "a/2.png"], "m.safetensors", train_info,
-                                            mask_info, {"steps": 2}, "dlib", 64, options_info)
+                                            mask_info, {"steps": 2}, "dlib", 64, options_info=options_info)
     kinds = [n["class_type"] for n in graph.values()]
     assert kinds.count("LoadImage") == 3 and kinds.count("SeFiFaceMask") == 3 and kinds.count("ImageBatch") == 2
     train = next(n for n in graph.values() if n["class_type"] == "SeFiTrainIdentity")["inputs"]
@@ -133,7 +169,7 @@ def test_graph_shape_and_usage_errors(tmp_path, capsys):
     assert options["inputs"] == {"attention_loss": "reference", "overwrite": True, "resume_from": ""}
     assert sorted(set(owners.values())) == [0, 1, 2]
     graph, _ = http_engine.build_graph("ann", ["a/0.png"], "m", train_info, mask_info,
-                                       {"attention_loss": "mask"}, "dlib", 64, options_info)
+                                       {"attention_loss": "mask"}, "dlib", 64, options_info=options_info)
     train = next(n for n in graph.values() if n["class_type"] == "SeFiTrainIdentity")["inputs"]
     assert graph[train["mask"][0]]["class_type"] == "SeFiFaceMask" and train["images"] == ["3", 1]
     assert cli.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--server", "http://x",

@@ -57,14 +57,14 @@ def test_accepted_samplings_use_every_stage(host, sd15, pack, node, args):
 
 
 @pytest.mark.parametrize("node,args,problem", REFUSED, ids=[f"{n}-{a.get('sampling', '')}" for n, a, _ in REFUSED])
-def test_other_samplings_are_refused_by_both_nodes(host, sd15, pack, tmp_path, node, args, problem):
+def test_other_samplings_are_refused_by_both_nodes(host, sd15, pack, tmp_path, face_photo, node, args, problem):
     model = _with_sampling(host, sd15[0], node, args)
     errors = pack.glue("sampling_support").UnsupportedModelError
     with pytest.raises(errors, match=problem) as apply_error:
         host.run("SeFiApplyIdentity", model=model, clip=sd15[1], identity=_identity(pack), text="a photo of sks",
                  strength=1.0, start_percent=0.0, end_percent=1.0)
     assert "SeFi Apply Identity" in str(apply_error.value) and "eps or v-prediction" in str(apply_error.value)
-    image = torch.rand(1, 64, 64, 3)
+    image = face_photo("obama_1.jpg", 160)
     with pytest.raises(errors, match=problem) as train_error:
         host.run("SeFiTrainIdentity", model=model, clip=sd15[1], vae=sd15[2], images=image,
                  name=f"refused_{tmp_path.name}", steps=1, resolution=64, checkpoint_every=0)

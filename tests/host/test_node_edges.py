@@ -13,6 +13,8 @@ import torch
 
 from batch.comfy_client import PromptFailed
 
+from .server_training import ready_to_train, train_graph
+
 IMAGE = torch.full((1, 64, 64, 3), 0.5)
 MASK = torch.ones(1, 64, 64)
 
@@ -68,14 +70,14 @@ def test_booleans_take_true_false_and_their_strings_only(pack):
 def test_the_prompt_handler_normalises_only_this_packs_boolean_widgets(pack):
     edges, nodes = pack.glue("edges"), pack.module.nodes
     prompt = {"prompt": {
-        "1": {"class_type": "SeFiTrainIdentity", "inputs": {"overwrite": "false", "kv_split": "TRUE",
-                                                            "keep_checkpoint": ["9", 0], "compile_unet": 0,
-                                                            "name": "false"}},
+        "1": {"class_type": "SeFiTrainingOptions", "inputs": {"overwrite": "false", "kv_split": "TRUE",
+                                                              "keep_checkpoint": ["9", 0], "compile_unet": 0,
+                                                              "resume_from": "false"}},
         "2": {"class_type": "SomeOtherPackNode", "inputs": {"overwrite": "false"}}}}
     edges.normalise_prompt_booleans(prompt, nodes.NODE_CLASS_MAPPINGS)
     inputs = prompt["prompt"]["1"]["inputs"]
     assert inputs["overwrite"] is False and inputs["kv_split"] is True
-    assert inputs["keep_checkpoint"] == ["9", 0] and inputs["name"] == "false"  # a link, a STRING
+    assert inputs["keep_checkpoint"] == ["9", 0] and inputs["resume_from"] == "false"  # a link, a STRING
     refused = inputs["compile_unet"]
     assert json.loads(json.dumps(refused)) == "0"  # still plain JSON for the host's error reply
     # the hosts deep-copy queued prompts (and may pickle them): a copy must still refuse, never break the queue
@@ -85,38 +87,23 @@ def test_the_prompt_handler_normalises_only_this_packs_boolean_widgets(pack):
     assert prompt["prompt"]["2"]["inputs"]["overwrite"] == "false"  # other packs' nodes are theirs
 
 
-def _train_graph(ckpt_name: str, image: str, **train):
-    inputs = dict(model=["1", 0], clip=["1", 1], vae=["1", 2], images=["2", 0], name="bools", trigger="sks",
-                  initializer="person", steps=1, learning_rate=0.0, stages=1, vectors_per_token=1,
-                  parametrisation="direct tokens", kv_split=True, attention_loss="off", attention_weight=0.003,
-                  loss_sites="quarter", masked_diffusion_loss=False, prompt_templates="a photo of the face of {}",
-                  flip_augmentation=False, scale_augmentation=False, seed=5, resolution=64, batch_size=1,
-                  checkpoint_every=0, resume_from="", overwrite=False, precision="auto",
-                  gradient_checkpointing=False)
-    inputs.update(train)
-    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
-            "2": {"class_type": "LoadImage", "inputs": {"image": image}},
-            "3": {"class_type": "SeFiTrainIdentity", "inputs": inputs}}
-
-
 def test_boolean_strings_through_the_api_mean_what_they_say(server, faces_dir):
     """'"overwrite": "false"' replaced an existing identity and '"kv_split": "false"' trained with the split on:
     upstream validation makes every string True, the PyPI host passes the (true) string on."""
-    client = server.client
-    ckpt_name = next((server.models_dir / "checkpoints").iterdir()).name
-    image = client.upload_image(faces_dir / "obama_1.jpg", name="bools_face.jpg")
+    client, ckpt_name, image = ready_to_train(server, faces_dir / "obama_1.jpg", "bools_face.jpg")
     folder = server.models_dir / "sefi_identities"
     folder.mkdir(parents=True, exist_ok=True)
     existing = folder / "bools_taken.safetensors"
     existing.write_bytes(b"someone's identity")
     with pytest.raises(PromptFailed, match="an identity named 'bools_taken' already exists"):
-        client.run(_train_graph(ckpt_name, image, name="bools_taken", overwrite="false"))
+        client.run(train_graph(ckpt_name, image, name="bools_taken", overwrite="false"))
     assert existing.read_bytes() == b"someone's identity"
     with pytest.raises(PromptFailed, match=r"overwrite must be true or false, got \\*'maybe"):
-        client.run(_train_graph(ckpt_name, image, name="bools_taken", overwrite="maybe"))
+        client.run(train_graph(ckpt_name, image, name="bools_taken", overwrite="maybe"))
     assert existing.read_bytes() == b"someone's identity"
 
-    client.run(_train_graph(ckpt_name, image, name="bools_split", kv_split="false", keep_checkpoint="true"))
+    client.run(train_graph(ckpt_name, image, name="bools_split", kv_split="false",
+                      keep_checkpoint="true"))
     from safetensors import safe_open
     with safe_open(str(folder / "bools_split.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()["sefi.training"])["generator"]["kv_split"] is False

@@ -9,21 +9,13 @@ import time
 
 from safetensors import safe_open
 
+from .server_training import ready_to_train, train_graph
+
 STEPS = 20
 
 
 def _graph(ckpt_name: str, image: str, **train):
-    inputs = dict(model=["1", 0], clip=["1", 1], vae=["1", 2], images=["2", 0], name="srv_cut", trigger="sks",
-                  initializer="person", steps=STEPS, learning_rate=0.0, stages=2, vectors_per_token=1,
-                  parametrisation="direct tokens", kv_split=True, attention_loss="off", attention_weight=0.003,
-                  loss_sites="quarter", masked_diffusion_loss=False, prompt_templates="a photo of the face of {}",
-                  flip_augmentation=False, scale_augmentation=False, seed=5, resolution=64, batch_size=1,
-                  checkpoint_every=0, resume_from="", overwrite=False, precision="auto",
-                  gradient_checkpointing=False)
-    inputs.update(train)
-    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
-            "2": {"class_type": "LoadImage", "inputs": {"image": image}},
-            "3": {"class_type": "SeFiTrainIdentity", "inputs": inputs}}
+    return train_graph(ckpt_name, image, **{"name": "srv_cut", "steps": STEPS, "stages": 2, **train})
 
 
 def _wait_for(predicate, timeout: float, what: str, log):
@@ -37,9 +29,7 @@ def _wait_for(predicate, timeout: float, what: str, log):
 
 
 def test_post_interrupt_saves_the_step_reached_and_resume_continues_from_it(server, faces_dir):
-    client = server.client
-    ckpt_name = next((server.models_dir / "checkpoints").iterdir()).name
-    image = client.upload_image(faces_dir / "obama_1.jpg", name="cancel_face.jpg")
+    client, ckpt_name, image = ready_to_train(server, faces_dir / "obama_1.jpg", "cancel_face.jpg")
     start = len(server.log())
     prompt_id = client.queue(_graph(ckpt_name, image))
     _wait_for(lambda: "srv_cut step 1/" in server.log()[start:], 300, "the first training step", server.log)

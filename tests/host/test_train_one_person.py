@@ -34,9 +34,16 @@ def test_all_faces_of_a_group_photo_are_refused(host, sd15, face_photo):
         _train(host, sd15, crops)
 
 
+def test_a_raw_group_photo_is_refused_too(host, sd15, face_photo):
+    """two_people.jpg given straight to the trainer (no SeFi Face Mask in front) trained both faces into one."""
+    with pytest.raises(ValueError, match=r"more than one person: image 0 shows 2 people.*which_face=largest"):
+        _train(host, (None, None, None), [face_photo("two_people.jpg")])
+
+
 def test_one_person_trains_and_the_opt_in_trains_a_mixed_batch(host, sd15, pack, face_photo, caplog):
     same = [face_photo("obama_1.jpg", 400), face_photo("obama_2.jpg", 400)]
-    assert pack.glue("people_check").different_people(same) == []
+    photos = pack.glue("training_photos")
+    assert photos.different_people(photos.survey(same)) == []
     assert _train(host, sd15, same)[0].training["steps_done"] == 1
     mixed = [face_photo("obama_1.jpg", 400), face_photo("biden_1.jpg", 400)]
     with caplog.at_level(logging.WARNING, logger="sefi"):

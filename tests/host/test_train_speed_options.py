@@ -21,6 +21,31 @@ def _blocks(unet) -> int:
     return sum(1 for m in unet.modules() if type(m).__name__ in ("BasicTransformerBlock", "ResBlock"))
 
 
+class CompiledRuns:
+    """What dynamo did meanwhile: frames it failed to convert (a silent fallback to eager), graph breaks, and how
+    many times compiled code ran (the "Torch-Compiled Region" each compiled frame records in a profile). Counting
+    wrapped forwards alone also passes when dynamo falls back to eager."""
+
+    def __enter__(self):
+        from torch._dynamo.utils import counters
+        self.counters = counters
+        self.before = self._now()
+        self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self.profile.__enter__()
+        return self
+
+    def _now(self) -> tuple[int, int]:
+        frames = self.counters["frames"]
+        return frames["total"] - frames["ok"], sum(self.counters["graph_break"].values())
+
+    def __exit__(self, *exc):
+        self.profile.__exit__(*exc)
+        failed, breaks = (a - b for a, b in zip(self._now(), self.before))
+        self.failed_frames, self.graph_breaks = failed, breaks
+        self.regions = sum(e.count for e in self.profile.key_averages() if e.key.startswith("Torch-Compiled Region"))
+        return False
+
+
 def test_compiled_blocks_give_the_eager_loss_and_gradients(host, sd15, pack, photo):
     """One step with the attention loss on: the compiled U-Net gives the eager loss, attention term and token
     gradients within float32 rounding, also when a gradient-share step backpropagates each term through the same
@@ -53,7 +78,9 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(host, sd15, pack, pho
         eager_twice = diffusion_gradient_twice()
         with step.unet.compiled(True) as count:
             assert count == _blocks(unet) > 0
-            compiled = one_step()
+            with CompiledRuns() as runs:
+                compiled = one_step()
+            assert runs.failed_frames == runs.graph_breaks == 0 and runs.regions >= count, vars(runs)
             twice = diffusion_gradient_twice()
             per_term = one_step(per_term=True)
             with step.unet.checkpointing(True):
@@ -93,6 +120,18 @@ def test_compile_unet_through_the_node(host, sd15, pack, photo, caplog):
             assert parts_c[key] == pytest.approx(parts_e[key], rel=1e-3), key
     model = sd15[0]
     assert all("forward" not in mod.__dict__ for mod in model.model.modules())
+
+
+def test_every_training_in_one_process_still_compiles(host, sd15, pack, photo):
+    """Three trainings in one process (a server's life): each must run compiled blocks. Compiled entries pile up
+    on the blocks' shared code objects across runs, and past dynamo's recompile limits it would quietly run the
+    rest eagerly."""
+    unet = sd15[0].model.diffusion_model
+    for run in range(3):
+        with CompiledRuns() as runs:
+            _train(host, sd15, photo, name=f"compiled_again_{run}", steps=2, compile_unet=True)
+        assert runs.failed_frames == runs.graph_breaks == 0, (run, vars(runs))
+        assert runs.regions >= 2 * _blocks(unet), (run, runs.regions)  # every block, in each of the two steps
 
 
 def test_compile_unet_says_what_to_install(host, sd15, pack, photo, monkeypatch):
