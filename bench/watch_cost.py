@@ -12,7 +12,6 @@ renders' cost is the share the node logs for them (`sample renders at K step(s) 
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import sys
@@ -26,7 +25,7 @@ if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
 from bench.attention_share import _photo  # noqa: E402
-from bench.train_step import boot_bench_host  # noqa: E402
+from bench.train_step import boot_bench_host, model_parser  # noqa: E402
 from tools import embedded_host  # noqa: E402
 
 PREVIEW_LOG = re.compile(r"live preview (\d+)× in ([\d.]+) s")
@@ -43,11 +42,7 @@ class _Lines(logging.Handler):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--full-sd15", action="store_true", help="SD1.5's U-Net architecture, random weights, 512 px")
-    ap.add_argument("--checkpoint", type=Path, help="a real SD1.5 checkpoint (e.g. the world's) instead")
-    ap.add_argument("--resolution", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=40)
+    ap = model_parser(__doc__, steps=40)
     ap.add_argument("--repeats", type=int, default=2, help="runs per variant (the fastest counts)")
     args = ap.parse_args(argv)
     res = args.resolution or (512 if args.full_sd15 else 64)

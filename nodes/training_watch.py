@@ -63,29 +63,34 @@ class TrainingWatch:
         return snapshot_due(step, s.save_every) or (self.render is not None and snapshot_due(step, s.sample_every))
 
     def on_step(self, step: int, total: int, loss: float, parts: dict) -> None:
+        """The progress bar (with the preview when due) first, so the bar shows the step while its samples render;
+        then the snapshot, then the samples and a preview showing them."""
         s = self.settings
         self.history.append(float(loss))
         self.parts_history.append(dict(parts))
+        sampling = self.render is not None and snapshot_due(step, s.sample_every)
+        self._show(step, total, preview_due(step, total, s.preview_every) and not sampling)
         identity = None
         if snapshot_due(step, s.save_every):
             identity = self.current_identity(step)
             save_snapshot(identity, self.folder, self.name, step)
-        rendered = False
-        if self.render is not None and snapshot_due(step, s.sample_every):
+        if sampling:
             identity = identity or self.current_identity(step)
             started = time.perf_counter()
             self.rows.append((step, self.render(identity)))
             spent = time.perf_counter() - started
             self.sample_seconds += spent
-            rendered = True
             log.info("[SeFi] %s: samples of step %d rendered in %.2f s", self.name, step, spent)
-        if rendered or preview_due(step, total, s.preview_every):
-            started = time.perf_counter()
-            self.bar.update_absolute(step, total, host.preview_image(Image.fromarray(self.picture(step, total))))
-            self.preview_seconds += time.perf_counter() - started
-            self.previews += 1
-        else:
+            self._show(step, total, True)
+
+    def _show(self, step: int, total: int, with_picture: bool) -> None:
+        if not with_picture:
             self.bar.update_absolute(step, total)
+            return
+        started = time.perf_counter()
+        self.bar.update_absolute(step, total, host.preview_image(Image.fromarray(self.picture(step, total))))
+        self.preview_seconds += time.perf_counter() - started
+        self.previews += 1
 
     def picture(self, step: int, total: int):
         """The preview: the loss curve so far beside the latest sample row (uint8 [H, W, 3])."""
