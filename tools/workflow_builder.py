@@ -234,7 +234,7 @@ def train_identity() -> Workflow:
                      allow_multiple_people=False, compile_unet=False)
     train = wf.add("SeFiTrainIdentity", col=2, model=ckpt[0], clip=ckpt[1], vae=ckpt[2], images=faces[1],
                    mask=faces[2], options=options[0], name="my_identity", trigger="sks", initializer="person",
-                   steps=600, learning_rate=0.0, resolution=512, preview_every=10,
+                   steps=600, learning_rate=0.0, resolution=512, preview_every=25,
                    sample_prompt="a photo of sks person, smiling\na photo of sks person in a park, golden hour",
                    sample_every=100, save_every=100)
     wf.add("PreviewImage", col=3, title="Loss curve", images=train[1])
