@@ -11,7 +11,6 @@ Usage: python -m tools.tiny_checkpoints OUT_DIR [--family sd1|sdxl|controlnet|al
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -94,15 +93,12 @@ def model_config(unet_config: dict):
 
 def save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
     import safetensors.torch
+
+    from sefi_core.atomic import atomic_write_bytes
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    # safetensors creates the file owner-only (0600); a model file is one anybody may read, as the umask says
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-    return path
+    # not save_file: it creates the file owner-only (0600); atomic_write_bytes gives it the umask's permissions
+    data = safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    return atomic_write_bytes(path, data)
 
 
 def text_shapes(text_model) -> dict[str, torch.Tensor]:

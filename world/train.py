@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tools import embedded_host
+from sefi_core.atomic import atomic_write, atomic_write_text
+from tools import embedded_host, tiny_checkpoints
 
 from . import text_encoder
 from .model import TIMESTEPS, new_unet, sd_alphas_cumprod
@@ -72,9 +72,7 @@ def _clone_saved(t: torch.Tensor):
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -169,24 +167,17 @@ def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: f
 
 def write_weights(ema: dict[str, torch.Tensor], out_dir: Path, history: list[dict], **meta) -> None:
     """The EMA weights as fp16 safetensors (what is committed) and the loss log beside them, both atomically."""
-    import safetensors.torch
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / UNET_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    safetensors.torch.save_file({k: v.to(torch.float16).contiguous() for k, v in ema.items()}, str(tmp),
-                                metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-    log_path = out_dir / LOG_FILE
-    tmp = log_path.with_name(f".{log_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**meta, "history": history}, indent=1))
-    os.replace(tmp, log_path)
+    tiny_checkpoints.save({k: v.to(torch.float16) for k, v in ema.items()}, out_dir / UNET_FILE,
+                          metadata={k: str(v) for k, v in meta.items()})
+    atomic_write_text(out_dir / LOG_FILE, json.dumps({**meta, "history": history}, indent=1))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=_rounds, default=(1200, 2400),
+    parser.add_argument("--steps", type=_rounds, default=(1200, 2400, 3600),
                         help="the step to train to; several (e.g. 1200,2400) train in rounds: each round resumes "
-                             "the last and runs its own cosine schedule to its step (the committed model: 1200,2400)")
+                             "the last and runs its own cosine schedule to its step "
+                             "(the committed model: 1200,2400,3600)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--run-dir", type=Path, default=Path(".cache/world-train"),

@@ -56,7 +56,9 @@ VISIBLE_DIALOGS = """() => [...document.querySelectorAll('.comfy-modal, .p-dialo
     .map(e => ({missingNodes: !!e.querySelector('.comfy-missing-nodes'), text: e.innerText.trim().slice(0, 500)}))"""
 
 # Both frontends list the missing types in .comfy-missing-nodes, one <li> each, the type in its first <span>.
+# Only those shown: the legacy frontend hides a closed dialog but keeps its list in the page (06's, when 07 loads).
 MISSING_TYPES = """() => [...document.querySelectorAll('.comfy-missing-nodes li')]
+    .filter(li => li.getClientRects().length > 0)
     .map(li => (li.querySelector('span') || li).textContent.trim()).filter(Boolean)"""
 
 CLOSE_DIALOGS = """() => {
@@ -124,8 +126,7 @@ class UI:
         self.page.evaluate("async ([graph, name]) => { await window.app.loadGraphData(graph, true, true, name); }",
                            [workflow, f"{name}.json"])
         if expect_missing:  # the upstream frontend opens its dialogs asynchronously
-            self.page.wait_for_function("() => document.querySelectorAll('.comfy-missing-nodes li').length > 0",
-                                        timeout=30_000)
+            self.page.wait_for_function(f"() => ({MISSING_TYPES})().length > 0", timeout=30_000)
         self.page.wait_for_timeout(700)
 
     def dialogs(self) -> list[dict]:

@@ -381,15 +381,7 @@ def test_07_world_identity_trains_on_the_world_photo_and_renders_four_prompts(se
     with Image.open(server.base_dir / "input" / mask_name) as im:  # LoadImageMask reads its red channel
         assert np.asarray(im.convert("RGB"))[..., 0].max() == 255
     server.add_model("checkpoints", world_sd15)
-    graph = copy.deepcopy(wb.load_api("07_world_identity"))
-    for node in graph.values():
-        if node["class_type"] == "KSampler":
-            node["inputs"]["steps"] = SAMPLER_STEPS
-        elif node["class_type"] == "SeFiTrainIdentity":
-            node["inputs"].update(steps=TRAIN_STEPS)
-        elif node["class_type"] == "SeFiTrainingOptions":
-            node["inputs"].update(stages=TRAIN_STAGES, checkpoint_every=0)
-    entry = server.client.run(graph, timeout=600)
+    entry = server.client.run(for_test(wb.load_api("07_world_identity"), world_sd15.name), timeout=600)
     assert (server.models_dir / "sefi_identities" / "world_person_0.safetensors").is_file(), server.log()[-3000:]
     files = output_files(entry, server.output_dir)
     saved = [f for f in files if "world" in f.name]
