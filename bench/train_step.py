@@ -218,7 +218,7 @@ def _time_identity(host, model, clip, vae, image, res: int, args) -> None:
     # the random picture holds no face a detector finds: a whole-picture face mask marks it as the face
     identity, _, name = host.run("SeFiTrainIdentity", model=model, clip=clip, vae=vae, images=image,
                                  mask=torch.ones(image.shape[:3]), name="bench", steps=args.identity, resolution=res,
-                                 precision=args.precision, overwrite=True, compile_unet=args.identity_compile)
+                                 precision=args.precision, overwrite=True, compile_unet=args.identity_compile)[:3]
     seconds = time.perf_counter() - t0
     print(f"identity: {args.identity} steps in {seconds:.1f} s ({seconds / args.identity * 1e3:.1f} ms/step "
           f"including setup and checkpoints), peak memory {identity.training['peak_memory_bytes'] / 2**20:.0f} MiB, "
