@@ -234,6 +234,7 @@ def test_cancel_during_a_sample_render_saves_the_checkpoint_and_resume_keeps_the
     """Cancel pressed while the samples of step 2 render: the checkpoint holds step 2, the snapshot of step 2 (written
     just before) stays, and the resumed run neither rewrites it nor misses the one of step 4."""
     train, hostmod, tr = pack.glue("train"), pack.glue("host"), pack.core("train_state")
+    # its own name: test_train_node's cancel test leaves a finished "cut" in the session's identity folder
     photo = face_photo("obama_1.jpg", 160)
     folder = train.identity_dir()
     sampled = []
@@ -247,16 +248,17 @@ def test_cancel_during_a_sample_render_saves_the_checkpoint_and_resume_keeps_the
     monkeypatch.setattr(hostmod, "sample", sample_then_cancel)
     watch = dict(sample_prompt="sks", sample_every=2, save_every=2, preview_every=0)
     with caplog.at_level("INFO", logger="sefi"), pytest.raises(hostmod.InterruptProcessingException):
-        _node(host, sd15, photo, name="cut", **FAST, **watch)
+        _node(host, sd15, photo, name="cut_in_sampling", **FAST, **watch)
     assert sampled == [1]
     assert "interrupted at step 2/4" in caplog.text and "samples of step 2 rendered" not in caplog.text
-    assert tr.load_train_state(train.checkpoint_dir() / "cut.sefi-train").step == 2
-    first = folder / "cut@2.safetensors"
-    assert first.is_file() and not (folder / "cut.safetensors").exists()
+    assert tr.load_train_state(train.checkpoint_dir() / "cut_in_sampling.sefi-train").step == 2
+    first = folder / "cut_in_sampling@2.safetensors"
+    assert first.is_file() and not (folder / "cut_in_sampling.safetensors").exists()
     os.utime(first, ns=(1, 1))
     monkeypatch.setattr(hostmod, "sample", real_sample)
-    resumed = _node(host, sd15, photo, name="cut", resume_from="cut", **{**FAST, "overwrite": False}, **watch)
-    assert first.stat().st_mtime_ns == 1 and (folder / "cut@4.safetensors").is_file()
+    resumed = _node(host, sd15, photo, name="cut_in_sampling", resume_from="cut_in_sampling",
+                    **{**FAST, "overwrite": False}, **watch)
+    assert first.stat().st_mtime_ns == 1 and (folder / "cut_in_sampling@4.safetensors").is_file()
     assert resumed[3].shape == (1, RES, RES, 3)  # one sampling point in this run: step 4
 
 

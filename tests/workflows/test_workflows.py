@@ -314,7 +314,7 @@ def test_01_train_identity_saves_identity_and_loss_curve(server, trained):
     graph = wb.load_api("01_train_identity")
     (train_id,) = [k for k, n in graph.items() if n["class_type"] == "SeFiTrainIdentity"]
     (curve_id,) = [k for k, n in graph.items() if n["class_type"] == "PreviewImage"
-                   and n["inputs"]["images"][0] == train_id]
+                   and n["inputs"]["images"] == [train_id, 1]]
     for name, file_name in (("my_identity", wb.IDENTITY), ("friend_identity", wb.IDENTITY_2)):
         assert (server.models_dir / "sefi_identities" / file_name).is_file(), server.log()[-3000:]
         assert images_of(trained[name], curve_id), f"no loss curve preview for {name}"
