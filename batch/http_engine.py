@@ -20,7 +20,7 @@ from typing import Any
 
 from batch import comfy_client
 from batch.host_base import UPLOAD_FOLDER, local_base, remove_base
-from batch.node_inputs import combo_choices, input_names, widget_defaults
+from batch.node_inputs import OPTIONS_NODE, combo_choices, input_names, split_options, widget_defaults
 from batch.people import CannotResume, Person, Result, UsageError, existing_identity, log, resume_plan
 from tools import embedded_host
 
@@ -31,7 +31,8 @@ class ServerGone(Exception):
 
 def build_graph(person: str, images: list[str], checkpoint: str, train_info: dict[str, Any],
                 mask_info: dict[str, Any], train_inputs: dict[str, Any], face_backend: str,
-                resolution: int, resume_from: str = "") -> tuple[dict[str, Any], dict[str, int]]:
+                resolution: int, resume_from: str = "", options_info: dict[str, Any] | None = None
+                ) -> tuple[dict[str, Any], dict[str, int]]:
     """The API graph for one person, and which node id loads/detects which photo (its index in `images`)."""
     graph: dict[str, Any] = {}
     owners: dict[str, int] = {}
@@ -59,7 +60,10 @@ def build_graph(person: str, images: list[str], checkpoint: str, train_info: dic
         graph[str(next_id)] = {"class_type": "SeFiFaceMask", "inputs": {**mask_inputs, "image": last}}
         train["mask"] = [str(next_id), 0]  # the face mask of each crop, same size as the crops
         next_id += 1
-    graph[str(next_id)] = {"class_type": "SeFiTrainIdentity", "inputs": train}
+    train, options = split_options(train, options_info or {})
+    graph[str(next_id)] = {"class_type": OPTIONS_NODE, "inputs": options}
+    train["options"] = [str(next_id), 0]
+    graph[str(next_id + 1)] = {"class_type": "SeFiTrainIdentity", "inputs": train}
     return graph, owners
 
 
@@ -94,6 +98,7 @@ class Server:
     log_file: Any = None
     train_info: dict[str, Any] = field(default_factory=dict)
     mask_info: dict[str, Any] = field(default_factory=dict)
+    options_info: dict[str, Any] = field(default_factory=dict)
 
 
 def start_local_servers(count: int, out_dir: Path, models_dir: Path, checkpoint: Path) -> list[Server]:
@@ -134,7 +139,7 @@ def prepare_server(server: Server, checkpoint: str) -> None:
     try:
         server.client.get("/system_stats", timeout=10)
         info = {name: server.client.get(f"/object_info/{name}", timeout=60).get(name)
-                for name in ("SeFiTrainIdentity", "SeFiFaceMask", "CheckpointLoaderSimple")}
+                for name in ("SeFiTrainIdentity", OPTIONS_NODE, "SeFiFaceMask", "CheckpointLoaderSimple")}
     except (urllib.error.URLError, OSError) as exc:
         raise RuntimeError(f"{server.url} does not answer ({exc}): start ComfyUI there or fix the URL") from exc
     missing = [name for name, spec in info.items() if not spec]
@@ -146,6 +151,7 @@ def prepare_server(server: Server, checkpoint: str) -> None:
         raise RuntimeError(f"{server.url} has no checkpoint '{checkpoint}' (it has: {', '.join(choices) or 'none'}); "
                            "put it in that server's models/checkpoints or pick one with --checkpoint")
     server.train_info, server.mask_info = info["SeFiTrainIdentity"], info["SeFiFaceMask"]
+    server.options_info = info[OPTIONS_NODE]
 
 
 # ------------------------------------------------------------------------------------------------ work
@@ -167,7 +173,7 @@ def train_person(server: Server, person: Person, args: argparse.Namespace, train
     except (urllib.error.URLError, ConnectionError) as exc:
         raise ServerGone(str(exc)) from exc
     graph, owners = build_graph(person.name, names, args.checkpoint_name, server.train_info, server.mask_info,
-                                train_inputs, args.face_backend, args.resolution, resume)
+                                train_inputs, args.face_backend, args.resolution, resume, server.options_info)
     owners = {node: person.photos[index].name for node, index in owners.items()}
     try:
         prompt_id = server.client.queue(graph)
@@ -256,10 +262,11 @@ def run_http(jobs: list[Person], args: argparse.Namespace, train_inputs: dict[st
                 log(f"leaving out {server.url}: {exc}")
         if not ready:
             raise RuntimeError("no usable ComfyUI server (see above)")
-        unknown = sorted(set(train_inputs) - input_names(ready[0].train_info))
+        known = input_names(ready[0].train_info) | input_names(ready[0].options_info)
+        unknown = sorted(set(train_inputs) - known)
         if unknown:
-            raise UsageError(f"SeFiTrainIdentity has no input(s) {', '.join(unknown)}; its inputs are "
-                             f"{', '.join(sorted(input_names(ready[0].train_info)))}")
+            raise UsageError(f"SeFiTrainIdentity has no input(s) {', '.join(unknown)} (nor has SeFiTrainingOptions); "
+                             f"their inputs are {', '.join(sorted(known))}")
         return run_queue(ready, jobs, args, train_inputs, out_dir)
     finally:
         stop_local_servers([s for s in servers if s.proc is not None])

@@ -30,3 +30,16 @@ def combo_choices(info: dict[str, Any], name: str) -> list[str]:
     if isinstance(spec[0], list):
         return list(spec[0])
     return list((spec[1] if len(spec) > 1 else {}).get("options", []))
+
+
+OPTIONS_NODE = "SeFiTrainingOptions"
+"""The trainer's less-touched settings live on this node (its `options` input); a batch job names them as it
+names the trainer's own inputs."""
+
+
+def split_options(train: dict[str, Any], options_info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trainer's inputs as a batch job gives them (its own and its options' alike) → (the trainer's own inputs,
+    SeFi Training Options' inputs with its widget defaults filled in)."""
+    names = input_names(options_info)
+    own = {k: v for k, v in train.items() if k not in names}
+    return own, {**widget_defaults(options_info), **{k: v for k, v in train.items() if k in names}}

@@ -37,7 +37,7 @@ import ray
 import ray.exceptions
 
 from batch.host_base import UPLOAD_FOLDER, local_base, remove_base
-from batch.node_inputs import input_names, widget_defaults
+from batch.node_inputs import OPTIONS_NODE, input_names, widget_defaults
 from batch.people import CannotResume, Person, Result, UsageError, existing_identity, log, resume_plan
 from tools import embedded_host
 
@@ -96,11 +96,13 @@ class PersonTrainer:
         self.device = str(importlib.import_module(f"{self.host.pack_module.__name__}.nodes.host").torch_device())
         self.train_info = {"input": self.host.nodes["SeFiTrainIdentity"].INPUT_TYPES()}
         self.mask_info = {"input": self.host.nodes["SeFiFaceMask"].INPUT_TYPES()}
+        self.options_info = {"input": self.host.nodes[OPTIONS_NODE].INPUT_TYPES()}
 
     def describe(self) -> dict[str, Any]:
         """Where this worker runs and which trainer inputs its host has (checked by the driver once)."""
         return {"node": socket.gethostname(), "pid": os.getpid(), "device": self.device, "base": str(self.base),
-                "host": embedded_host.host_label(), "train_inputs": sorted(input_names(self.train_info))}
+                "host": embedded_host.host_label(),
+                "train_inputs": sorted(input_names(self.train_info) | input_names(self.options_info))}
 
     def _photo(self, person: str, index: int, photo: Path):
         """The photo as LoadImage reads it from the host's input folder (the HTTP engine's upload, as a link)."""
@@ -148,6 +150,7 @@ class PersonTrainer:
                             "person or remove it (or try --face-backend insightface)")}
                     return {"status": "failed", "message": f"SeFiFaceMask on photo {photo.name}: {exc}"}
                 batch = face if batch is None else self.host.run("ImageBatch", image1=batch, image2=face)[0]
+            # the trainer takes its options as keywords too (the same values SeFi Training Options would carry)
             inputs = {**widget_defaults(self.train_info), **train_inputs, "name": person, "overwrite": True,
                       "resume_from": resume_from, "model": self.model, "clip": self.clip, "vae": self.vae,
                       "images": batch}

@@ -15,7 +15,6 @@ bound and run this on a real checkpoint (`--checkpoint PATH`) to see the real on
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
-from bench.train_step import boot_bench_host  # noqa: E402
+from bench.train_step import boot_bench_host, model_parser  # noqa: E402
 from tools import embedded_host  # noqa: E402
 
 
@@ -36,11 +35,7 @@ def _photo(res: int) -> torch.Tensor:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--full-sd15", action="store_true", help="SD1.5's U-Net architecture, random weights, 512 px")
-    ap.add_argument("--checkpoint", type=Path, help="a real SD1.5 checkpoint instead")
-    ap.add_argument("--resolution", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=4)
+    ap = model_parser(__doc__, steps=4)
     ap.add_argument("--weight", type=float, default=0.003, help="λ (default: the paper's 0.003)")
     ap.add_argument("--parametrisation", default="self_attention", choices=("self_attention", "direct"))
     ap.add_argument("--initializer", default="person", help="initializer word; 'person' is also the reference "

@@ -55,6 +55,16 @@ def _full_checkpoint(folder: Path) -> Path:
         tiny_checkpoints.SD15_UNET = old
 
 
+def model_parser(doc: str, steps: int) -> argparse.ArgumentParser:
+    """The arguments every model bench takes: which model (tiny by default), resolution and steps."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--full-sd15", action="store_true", help="SD1.5's U-Net architecture, random weights, 512 px")
+    ap.add_argument("--checkpoint", type=Path, help="a real SD1.5 checkpoint (e.g. the world's) instead")
+    ap.add_argument("--resolution", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=steps)
+    return ap
+
+
 def boot_bench_host(full_sd15: bool, checkpoint: Path | None = None):
     """(host, checkpoint path): the embedded host booted in a fresh base folder on the accelerator when there is
     one, with a real `checkpoint`, the full-size random SD1.5 (`full_sd15`) or the tiny one linked into it."""
@@ -208,7 +218,7 @@ def _time_identity(host, model, clip, vae, image, res: int, args) -> None:
     # the random picture holds no face a detector finds: a whole-picture face mask marks it as the face
     identity, _, name = host.run("SeFiTrainIdentity", model=model, clip=clip, vae=vae, images=image,
                                  mask=torch.ones(image.shape[:3]), name="bench", steps=args.identity, resolution=res,
-                                 precision=args.precision, overwrite=True, compile_unet=args.identity_compile)
+                                 precision=args.precision, overwrite=True, compile_unet=args.identity_compile)[:3]
     seconds = time.perf_counter() - t0
     print(f"identity: {args.identity} steps in {seconds:.1f} s ({seconds / args.identity * 1e3:.1f} ms/step "
           f"including setup and checkpoints), peak memory {identity.training['peak_memory_bytes'] / 2**20:.0f} MiB, "

@@ -1,15 +1,17 @@
 """ComfyUI glue: each module declares one node family; this file collects their mappings."""
 from __future__ import annotations
 
-from . import edges, evaluation, faces, host, identity, train
+from . import edges, evaluation, faces, host, identity, train, train_options
 
 host.register_model_folder(host.IDENTITY_FOLDER, host.IDENTITY_EXTENSIONS)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {**faces.NODE_CLASS_MAPPINGS, **identity.NODE_CLASS_MAPPINGS,
-                                        **train.NODE_CLASS_MAPPINGS, **evaluation.NODE_CLASS_MAPPINGS}
+                                        **train.NODE_CLASS_MAPPINGS, **train_options.NODE_CLASS_MAPPINGS,
+                                        **evaluation.NODE_CLASS_MAPPINGS}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {**faces.NODE_DISPLAY_NAME_MAPPINGS,
                                               **identity.NODE_DISPLAY_NAME_MAPPINGS,
                                               **train.NODE_DISPLAY_NAME_MAPPINGS,
+                                              **train_options.NODE_DISPLAY_NAME_MAPPINGS,
                                               **evaluation.NODE_DISPLAY_NAME_MAPPINGS}
 
 

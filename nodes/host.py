@@ -142,6 +142,27 @@ def progress_bar(total: int) -> "comfy.utils.ProgressBar":
     return comfy.utils.ProgressBar(total)
 
 
+def preview_image(picture) -> tuple:
+    """A picture (PIL image) in the form both hosts' progress hooks send to the UI as the running node's preview, as
+    their samplers do with latent previews: ("JPEG", image, largest side). The largest side is the picture's own:
+    the servers fit a preview into it, upstream's scaling small ones up too."""
+    return ("JPEG", picture, max(picture.size))
+
+
+def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
+           latent_image, on_step: Callable[[], None] | None = None):
+    """What the host's KSampler computes for an empty latent (its common_ksampler: same latent fix, noise and call),
+    without its progress bar and latent previews, so a caller's own progress bar keeps its place. `on_step` runs
+    after every sampler step (e.g. to honour Cancel)."""
+    import comfy.sample as host_sample
+
+    latent_image = host_sample.fix_empty_latent_channels(model, latent_image)
+    noise = host_sample.prepare_noise(latent_image, seed, None)
+    callback = (lambda *_: on_step()) if on_step is not None else None
+    return host_sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                              callback=callback, disable_pbar=True, seed=seed)
+
+
 def raise_if_interrupted() -> None:
     """Raise the host's InterruptProcessingException when the user pressed Cancel (clears the flag, as the
     host does; whoever catches it to save work must re-raise it so the executor stops the graph)."""
@@ -191,5 +212,6 @@ __all__ = [
     "ensure_model_folder", "filename_list", "folder_paths", "full_path", "insightface_roots",
     "find_model_file", "interrupt_current_processing", "knows_model_folder", "load_for_training", "model_management",
     "models_dir", "relative_parts",
-    "progress_bar", "raise_if_interrupted", "register_model_folder", "sdpa_unet_attention", "torch_device",
+    "preview_image", "progress_bar", "raise_if_interrupted", "register_model_folder", "sample",
+    "sdpa_unet_attention", "torch_device",
 ]

@@ -19,11 +19,17 @@ from .edges import checked_inputs
 from .identity import CATEGORY, IDENTITY
 from .prompt_encoding import embedding_norms
 from .sampling_support import check_model_sampling
+from .sample_renders import SampleSpec, render_samples, sample_prompts
+from .snapshots import existing_snapshots, remove_snapshots
+from .train_options import NODE_NAME as OPTIONS_NODE_NAME
+from .train_options import TRAINING_OPTIONS, SeFiTrainingOptions, training_options
+from .training_watch import PREVIEW_EVERY, TrainingWatch, WatchSettings
 from .train_policies import (CHECKPOINT_SUFFIX, PARAMETRISATIONS, check_name, check_resume_structure,
                              checkpoint_dir, identity_dir, load_checkpoint, log_resume_changes,
                              remove_stale_temp_files, resolve_checkpoint)
-from .training import (DTYPE_NAMES, PRECISION_CHOICES, SefiStep, TextEncoder, check_compile_available,
-                       compile_mode, fit_image, fit_mask, peak_memory_bytes, reset_peak_memory, training_context)
+from .training import (DTYPE_NAMES, PRECISION_CHOICES, SefiStep, TextEncoder, attention_picture,
+                       check_compile_available, compile_mode, fit_image, fit_mask, peak_memory_bytes,
+                       reset_peak_memory, training_context)
 from .training_photos import check_one_person, compare_with_checkpoint, drop_faceless, photo_records, survey
 from ..sefi_core.generator import build_generator, rebuild_generator
 from ..sefi_core.identity import Identity, save_identity
@@ -31,13 +37,11 @@ from ..sefi_core.plot import render_loss_curve, term_shares
 from ..sefi_core.token_scale import TokenScaleError
 from ..sefi_core.tokens import check_trigger_apart_from_templates
 from ..sefi_core.train_state import save_train_state
-from ..sefi_core.training import LOSS_SITES, TrainSettings, run_training
+from ..sefi_core.training import TrainSettings, run_training
 
 log = logging.getLogger("sefi")
 
 DEFAULT_LR = {"self_attention": 1e-4, "direct": 5e-3}
-CHECKPOINT_SIZE_HINT = ("400 MB for SD1.5, 1.5 GB for SDXL with the self-attention generator; under 1 MB for "
-                        "direct tokens")
 LOG_EVERY = 25
 
 PROGRESS_HOOKS: list = []
@@ -93,85 +97,70 @@ class SeFiTrainIdentity:
                 "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e30, "step": 1e-5,
                                             "tooltip": "0 = default for the parametrisation (1e-4 for the "
                                                        "self-attention generator, 5e-3 for direct tokens)."}),
-                "stages": ("INT", {"default": 5, "min": 1, "max": 10, "tooltip": "Timestep stages, each with its "
-                                   "own K/V tokens (the paper uses 5)."}),
-                "vectors_per_token": ("INT", {"default": 1, "min": 1, "max": 8, "tooltip": "Word slots the "
-                                              "trigger expands to."}),
-                "parametrisation": (list(PARAMETRISATIONS), {"tooltip": "self-attention generator: the paper's "
-                                    "token generator; direct tokens: free vectors (faster, a deviation)."}),
-                "kv_split": ("BOOLEAN", {"default": True, "tooltip": "Separate key and value tokens (the paper); "
-                                         "off = one token per stage for both."}),
-                "attention_loss": (["reference", "mask", "off"], {"tooltip": "reference: the paper's face-wise "
-                                   "loss (maps of the trigger follow those of 'person'); mask: pull attention into "
-                                   "the face mask; off."}),
-                "attention_weight": ("FLOAT", {"default": 0.003, "min": 0.0, "max": 1000.0, "step": 0.001,
-                                               "tooltip": "λ of the attention loss (paper: 0.003)."}),
-                "loss_sites": (list(LOSS_SITES), {"tooltip": "Cross-attention resolutions the attention loss "
-                               "reads: quarter = latent/4 (16×16 at 512 px), quarter+half adds latent/2, all."}),
-                "masked_diffusion_loss": ("BOOLEAN", {"default": False, "tooltip": "Only reconstruct the face "
-                                                      "mask area (needs a mask)."}),
-                "prompt_templates": ("STRING", {"multiline": True, "default": "a photo of the face of {}",
-                                                "tooltip": "Training prompts, one per line; {} is the trigger."}),
-                "flip_augmentation": ("BOOLEAN", {"default": False, "tooltip": "Randomly mirror the photos. Off by "
-                                                "default: faces are not mirror-symmetric (parting, moles)."}),
-                "scale_augmentation": ("BOOLEAN", {"default": False, "tooltip": "Random zoom 0.9–1.1 (in latent "
-                                                   "space)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "tooltip": "Seed of all training "
-                                 "randomness (same seed = same result on CPU)."}),
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Training "
-                                       "image size."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Samples per step."}),
-                "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 100000, "tooltip": "Save a "
-                                             "resumable checkpoint every N steps (0 = only at the end / on "
-                                             "Cancel)."}),
-                "resume_from": ("STRING", {"default": "", "tooltip": "Name of a training checkpoint in "
-                                           "models/sefi_identities/checkpoints to continue from, e.g. the name of "
-                                           "an interrupted run (empty = start fresh)."}),
-                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing identity file of "
-                                          "the same name, or start over a run whose unfinished checkpoint has "
-                                          "that name."}),
-                "precision": (list(PRECISION_CHOICES), {"default": "auto", "tooltip": "Compute dtype of the "
-                              "frozen U-Net: auto = fp32 on CPU, else the loaded model's own dtype, so its weights are "
-                              "used in place; another choice casts them once (originals parked in RAM while "
-                              "training). fp16 uses dynamic loss scaling. The trained tokens always stay fp32; "
-                              "CLIP runs in fp32."}),
-                "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute each U-Net "
-                                           "block in the backward pass instead of keeping its activations: trades "
-                                           "compute (~30% slower) for memory on large models/GPUs. Same result."}),
+                                       "image size (also the sample renders' size)."}),
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": "Face mask(s) matching the photos (e.g. from SeFi Face Mask); for "
                                   "attention_loss=mask and the masked diffusion loss."}),
-                "keep_checkpoint": ("BOOLEAN", {"default": False, "tooltip": "Keep the resumable checkpoint "
-                                    f"(~{CHECKPOINT_SIZE_HINT}) once the identity is saved; off = delete it then (an "
-                                    "interrupted or failed run always keeps it)."}),
-                "allow_multiple_people": ("BOOLEAN", {"default": False, "tooltip": "Train even when the photos "
-                                          "show different people (checked with face descriptors); off = refuse "
-                                          "such a batch, since the identity would be neither of them."}),
-                "compile_unet": ("BOOLEAN", {"default": False, "tooltip": "torch.compile the U-Net's blocks (CUDA "
-                                 "graphs on a GPU). The first step compiles (a minute or more; cached on disk for "
-                                 "the next run), later steps are faster. Same result within rounding. Needs Triton "
-                                 "on a GPU, a C++ compiler on the CPU."}),
+                "options": (TRAINING_OPTIONS, {"tooltip": "From SeFi Training Options: the method, losses, "
+                                               "augmentation, checkpoints and speed settings. Not connected = their "
+                                               "defaults."}),
+                "preview_every": ("INT", {"default": PREVIEW_EVERY, "min": 0, "max": 100000, "tooltip": "Refresh "
+                                          "the live preview on this node (loss curve, latest samples) every N steps; "
+                                          "0 = progress bar only."}),
+                "sample_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "Prompts to render with "
+                                             "the identity as it trains, one per line, each with the trigger (e.g. "
+                                             "'a photo of sks person, smiling'). Empty = no samples."}),
+                "sample_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Render the sample "
+                                         "prompts every N steps (fixed seed, 12 euler steps, the training "
+                                         "resolution); 0 = never."}),
+                "save_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Save a snapshot "
+                                       "<name>@<step>.safetensors every N steps, to keep the step that looks best; "
+                                       "0 = never."}),
             },
         }
 
-    RETURN_TYPES = (IDENTITY, "IMAGE", "STRING")
-    RETURN_NAMES = ("identity", "loss_curve", "file_name")
+    RETURN_TYPES = (IDENTITY, "IMAGE", "STRING", "IMAGE", "IMAGE")
+    RETURN_NAMES = ("identity", "loss_curve", "file_name", "samples", "attention_maps")
     OUTPUT_TOOLTIPS = ("The trained identity (for SeFi Apply Identity).", "Training loss curve.",
-                       "The saved identity file name.")
+                       "The saved identity file name.", "The sample renders: a grid, one row per sampling point, "
+                       "one column per prompt (one black frame without samples).",
+                       "Over each training photo, the identity token's attention map beside the reference word's "
+                       "(what the face-wise loss pulls together): does the identity stay on the face?")
     FUNCTION = "train"
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
 
     def train(self, model, clip, vae, images, name, trigger="sks", initializer="person", steps=600,
-              learning_rate=0.0, stages=5, vectors_per_token=1, parametrisation="self-attention generator",
-              kv_split=True, attention_loss="reference", attention_weight=0.003, loss_sites="quarter",
-              masked_diffusion_loss=False, prompt_templates="a photo of the face of {}", flip_augmentation=False,
-              scale_augmentation=False, seed=0, resolution=512, batch_size=1, checkpoint_every=100,
-              resume_from="", overwrite=False, precision="auto", gradient_checkpointing=False, mask=None,
-              keep_checkpoint=False, allow_multiple_people=False, compile_unet=False):
+              learning_rate=0.0, resolution=512, mask=None, options=None, preview_every=PREVIEW_EVERY,
+              sample_prompt="", sample_every=0, save_every=0, **option_values):
+        """The node's inputs; Python callers (tools, tests) may also give options as keywords, which take the
+        place of the connected options' values."""
+        chosen = training_options(_one(options))
+        chosen.update(checked_inputs(SeFiTrainingOptions, OPTIONS_NODE_NAME,
+                                     {k: _one(v) for k, v in training_options(option_values).items()
+                                      if k in option_values}))
+        watched = checked_inputs(SeFiTrainIdentity, NODE_NAME, dict(
+            preview_every=preview_every, sample_prompt=sample_prompt, sample_every=sample_every,
+            save_every=save_every, trigger=trigger))
+        preview_every, sample_prompt, sample_every, save_every, trigger_word = (_one(watched[k]) for k in (
+            "preview_every", "sample_prompt", "sample_every", "save_every", "trigger"))
+        watch = WatchSettings(int(preview_every), sample_prompts(str(sample_prompt), str(trigger_word)),
+                              int(sample_every), int(save_every))
+        return self._train(model, clip, vae, images, name, trigger, initializer, steps, learning_rate,
+                           resolution=resolution, mask=mask, watch=watch, **chosen)
+
+    def _train(self, model, clip, vae, images, name, trigger="sks", initializer="person", steps=600,
+               learning_rate=0.0, stages=5, vectors_per_token=1, parametrisation="self-attention generator",
+               kv_split=True, attention_loss="reference", attention_weight=0.003, loss_sites="quarter",
+               masked_diffusion_loss=False, prompt_templates="a photo of the face of {}", flip_augmentation=False,
+               scale_augmentation=False, seed=0, resolution=512, batch_size=1, checkpoint_every=100,
+               resume_from="", overwrite=False, precision="auto", gradient_checkpointing=False, mask=None,
+               keep_checkpoint=False, allow_multiple_people=False, compile_unet=False,
+               watch: WatchSettings = WatchSettings()):
         checked = checked_inputs(SeFiTrainIdentity, NODE_NAME, {key: value for key, value in locals().items()
-                                                               if key not in ("self", *HOST_OBJECTS)})
+                                                               if key not in ("self", "watch", *HOST_OBJECTS)})
         images, mask = checked["images"], checked["mask"]
         (name, trigger, initializer, steps, learning_rate, stages, vectors_per_token, parametrisation, kv_split,
          attention_loss, attention_weight, loss_sites, masked_diffusion_loss, prompt_templates,
@@ -204,6 +193,12 @@ class SeFiTrainIdentity:
                 f"an unfinished training run named '{name}' has a checkpoint ({ckpt_path}); set resume_from={name} "
                 f"to continue it, or overwrite=true to start over (its checkpoint is then replaced), or pick "
                 f"another name")
+        snapshots = existing_snapshots(identity_dir(), name)
+        if snapshots and resume_path is None and not overwrite:
+            shown = ", ".join(p.name for p in list(snapshots.values())[:3])
+            raise FileExistsError(f"step snapshots of an earlier run named '{name}' exist ({shown}"
+                                  f"{' …' if len(snapshots) > 3 else ''}); pick another name, or set overwrite to "
+                                  f"true to replace them")
         if precision not in PRECISION_CHOICES:
             raise ValueError(f"precision must be one of {list(PRECISION_CHOICES)}, got {precision!r}")
         start_state = None
@@ -235,6 +230,8 @@ class SeFiTrainIdentity:
         if compile_unet:
             check_compile_available(model.load_device)
 
+        if resume_path is None and overwrite:
+            remove_snapshots(identity_dir(), name)
         device = host.torch_device()
         with training_context(model, clip, precision) as dtype:
             settings.precision = DTYPE_NAMES[dtype]
@@ -259,17 +256,23 @@ class SeFiTrainIdentity:
                                             stages=int(stages), vectors_per_token=int(vectors_per_token),
                                             kv_split=bool(kv_split), seed=int(seed))
             generator.to(model.load_device)
+            watcher = self._watcher(watch, settings, name, generator, encoder, trigger, settings.initializer, kind,
+                                    photos, norms, (model, clip, vae), start_state)
+            started = time.perf_counter()
             with step_fn.unet.compiled(bool(compile_unet)) as compiled_blocks, \
                     step_fn.unet.checkpointing(bool(gradient_checkpointing)):
                 if compiled_blocks:
                     log.info("[SeFi] %s: compiling %d U-Net blocks (mode %s); the first step waits for it", name,
                              compiled_blocks, compile_mode(model.load_device))
                 result = self._run(generator, step_fn, settings, start_state, ckpt_path, name, photos, norms,
-                                   resume_from)
+                                   resume_from, watcher)
+            watcher.report(time.perf_counter() - started)
             peak = peak_memory_bytes(device)
             generator.eval()
             with torch.no_grad():
-                tokens = {k: v.detach().float().cpu() for k, v in generator().items()}
+                live = {k: v.detach().float() for k, v in generator().items()}
+                tokens = {k: v.cpu() for k, v in live.items()}
+                maps = attention_picture(step_fn, live, pixels, int(seed))
 
         log.info("[SeFi] %s: peak memory %.1f MiB (%s, compute %s)", name, peak / 2**20, device, dtype)
         training = settings.to_dict()
@@ -293,25 +296,54 @@ class SeFiTrainIdentity:
                      "it)", name, ckpt_path)
         picture = render_loss_curve(result.loss_history, shares=term_shares(result.state.parts_history))
         curve = torch.from_numpy(picture.astype(np.float32) / 255.0)[None]
-        return identity, curve, out_path.name
+        return identity, curve, out_path.name, watcher.samples(settings.resolution), maps
 
-    def _run(self, generator, step_fn, settings, start_state, ckpt_path: Path, name: str, photos: list[dict],
-             norms: dict[str, float], resume_from: str):
-        total = settings.steps
-        bar = host.progress_bar(total)
+    @staticmethod
+    def _watcher(watch: WatchSettings, settings: TrainSettings, name: str, generator, encoder, trigger: str,
+                 initializer: str, kind: str, photos: list[dict], norms: dict[str, float], models,
+                 start_state) -> TrainingWatch:
+        """The run's TrainingWatch: its progress bar, snapshots of the generator as it is, sample renders."""
+        model, clip, vae = models
+
+        def current_identity(step: int) -> Identity:
+            generator.eval()  # the tokens the identity would get (no dropout, no draw from any RNG)
+            try:
+                with torch.no_grad():
+                    tokens = {k: v.detach().float().cpu() for k, v in generator().items()}
+            finally:
+                generator.train()
+            training = {**settings.to_dict(), "parametrisation": kind, "steps_done": step, "snapshot_of": name}
+            try:
+                return Identity(encoder.family, tokens, trigger, initializer, training,
+                                tuple(r["sha256"] for r in photos), norms)
+            except TokenScaleError as e:  # never a snapshot (or a sample) of tokens that have blown up
+                raise ValueError(f"training diverged by step {step}: {e}; no snapshot of it was written. Try a "
+                                 f"lower learning_rate") from e
+
+        spec = SampleSpec(watch.sample_prompts, seed=settings.seed, resolution=settings.resolution)
+        render = (lambda identity: render_samples(model, clip, vae, identity, spec,
+                                                  on_step=host.raise_if_interrupted))
+        bar = host.progress_bar(settings.steps)
         if start_state is not None:
             bar.update(int(start_state.step))
+        history = start_state.loss_history if start_state is not None else ()
+        parts = start_state.parts_history if start_state is not None else ()
+        return TrainingWatch(watch, bar, name, identity_dir(), current_identity, render, history, parts)
+
+    def _run(self, generator, step_fn, settings, start_state, ckpt_path: Path, name: str, photos: list[dict],
+             norms: dict[str, float], resume_from: str, watch: TrainingWatch):
+        total = settings.steps
         saved_step = [start_state.step if start_state is not None else None]
         t0 = time.monotonic()
 
         def on_progress(step, total_, loss, parts):
-            bar.update(1)
             if step % LOG_EVERY == 0 or step == total_ or step == 1:
                 txt = " ".join(f"{k}={v:.4g}" for k, v in parts.items())
                 log.info("[SeFi] %s step %d/%d loss=%.5f %s (%.2f s/step)", name, step, total_, loss, txt,
                          (time.monotonic() - t0) / max(1, step - (start_state.step if start_state else 0)))
             for hook in list(PROGRESS_HOOKS):
                 hook(step, total_, loss, parts)
+            watch.on_step(step, total_, loss, parts)  # the progress bar, its preview, samples and snapshots
 
         def should_stop():
             host.raise_if_interrupted()  # raises on Cancel; so may the progress bar and the host's callbacks
@@ -327,7 +359,8 @@ class SeFiTrainIdentity:
             # run_training checkpoints the last completed step whichever host call raises the interrupt
             return run_training(generator, step_fn, settings, start_state=start_state, on_progress=on_progress,
                                 should_stop=should_stop, save_checkpoint=save,
-                                interrupts=(host.InterruptProcessingException,), token_norms=norms)
+                                interrupts=(host.InterruptProcessingException,), token_norms=norms,
+                                settle_at=watch.needs_parameters_at)
         except TokenScaleError as e:  # the checkpoint resume_from names holds tokens that had blown up
             raise ValueError(f"resume_from={resume_from}: {e}") from e
         except host.InterruptProcessingException:

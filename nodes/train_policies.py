@@ -9,6 +9,7 @@ import unicodedata
 from pathlib import Path
 
 from . import host
+from .snapshots import longest_snapshot_name
 from ..sefi_core.atomic import longest_temp_name, stale_temp_files
 from ..sefi_core.train_state import TrainStateFileError, load_train_state
 from ..sefi_core.training import TrainSettings
@@ -41,8 +42,9 @@ VALID_NAME_HINT = ("a valid name is a plain file name such as 'my_face': letters
 
 
 def produced_file_names(name: str) -> list[str]:
-    """Every file name a training run of `name` may create: the identity, its checkpoint, and their temp files."""
-    finals = [f"{name}.safetensors", f"{name}{CHECKPOINT_SUFFIX}"]
+    """Every file name a training run of `name` may create: the identity, its checkpoint, its longest step snapshot,
+    and their temp files."""
+    finals = [f"{name}.safetensors", f"{name}{CHECKPOINT_SUFFIX}", longest_snapshot_name(name)]
     return finals + [longest_temp_name(f) for f in finals]
 
 

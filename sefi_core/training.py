@@ -393,6 +393,7 @@ def run_training(
     fused: bool | None = None,
     sync_every: int | None = None,
     token_norms: Mapping[str, float] | None = None,
+    settle_at: Callable[[int], bool] | None = None,
 ) -> TrainResult:
     """Train ``generator`` for ``settings.steps`` steps (continuing from ``start_state``).
 
@@ -430,6 +431,10 @@ def run_training(
     that change the trajectory (anything except ``steps`` and ``checkpoint_every``) should
     match the run that wrote it; a mismatch only warns, and the optimiser hyper-parameters
     of ``settings`` win, as does this run's optimiser mode (``fused`` / foreach, whichever wrote the checkpoint).
+
+    ``settle_at(step)`` (1-based): steps whose ``on_progress`` reads the generator (a sample render, a snapshot);
+    the loop reads back its pending steps after them, so ``on_progress`` of such a step sees the generator as that
+    step left it (steps read back together otherwise reach ``on_progress`` after later updates).
 
     ``token_norms`` (``{encoder: mean word-embedding length}`` of the text encoders, :mod:`sefi_core.token_scale`):
     a run can blow its tokens up to finite but enormous values (~1e30) that no NaN check sees and that sample
@@ -593,7 +598,8 @@ def run_training(
                     parts_history.append(parts)
                     if on_progress is not None:
                         on_progress(step, settings.steps, loss_value, dict(parts))
-                elif len(pending) >= sync_every or due or step == settings.steps:
+                elif (len(pending) >= sync_every or due or step == settings.steps
+                      or (settle_at is not None and settle_at(step))):
                     settle()
                 if due:
                     checkpoint()

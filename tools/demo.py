@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\r  training step {step}/{total}  loss {loss:.4f}", end="\n" if step == total else "", flush=True)
     train_module.PROGRESS_HOOKS.append(hook)
     identity, curve, filename = host.run("SeFiTrainIdentity", model=model, clip=clip, vae=vae, images=crops,
-                                         mask=crop_masks, **settings)
+                                         mask=crop_masks, **settings)[:3]
     identity_file = base / "models" / "sefi_identities" / filename
     kept_identity = out / filename
     kept_identity.write_bytes(identity_file.read_bytes())

@@ -215,23 +215,31 @@ def _sampler(wf: Workflow, col: int, model: Out, positive: Out, negative: Out, l
 
 def train_identity() -> Workflow:
     wf = Workflow("01_train_identity", "A face photo → SeFi Face Mask (aligned crop + mask) → SeFi Train Identity "
-                  "with the checkpoint's MODEL/CLIP/VAE; previews the crop and the loss curve. Saves "
-                  "models/sefi_identities/my_identity.safetensors.")
+                  "with the checkpoint's MODEL/CLIP/VAE, its less-touched settings on SeFi Training Options; the "
+                  "node shows the loss curve and sample renders while it trains and saves a snapshot every 100 "
+                  "steps; previews the crop, the loss curve and the attention maps, saves the samples. Saves "
+                  "models/sefi_identities/my_identity.safetensors (and my_identity@<step>.safetensors).")
     photo = wf.add("LoadImage", col=0, title="Face photo", image=PHOTO)
     ckpt = _checkpoint(wf, col=0)
     faces = wf.add("SeFiFaceMask", col=1, image=photo[0], backend="auto", which_face="largest", face_index=0,
                    mask_shape="ellipse", grow=0, feather=0, crop_size=512, crop_margin=0.25, on_no_face="error",
                    insightface_pack="antelopev2")
     wf.add("PreviewImage", col=1, title="Face crop", images=faces[1])
+    options = wf.add("SeFiTrainingOptions", col=1, stages=5, vectors_per_token=1,
+                     parametrisation="self-attention generator", kv_split=True, attention_loss="reference",
+                     attention_weight=0.003, loss_sites="quarter", masked_diffusion_loss=False,
+                     prompt_templates="a photo of the face of {}\na close-up photo of {}", flip_augmentation=False,
+                     scale_augmentation=False, seed=0, batch_size=1, checkpoint_every=100, resume_from="",
+                     overwrite=False, precision="auto", gradient_checkpointing=False, keep_checkpoint=False,
+                     allow_multiple_people=False, compile_unet=False)
     train = wf.add("SeFiTrainIdentity", col=2, model=ckpt[0], clip=ckpt[1], vae=ckpt[2], images=faces[1],
-                   mask=faces[2], name="my_identity", trigger="sks", initializer="person", steps=600,
-                   learning_rate=0.0, stages=5, vectors_per_token=1, parametrisation="self-attention generator",
-                   kv_split=True, attention_loss="reference", attention_weight=0.003, loss_sites="quarter",
-                   masked_diffusion_loss=False, prompt_templates="a photo of the face of {}\na close-up photo of {}",
-                   flip_augmentation=False, scale_augmentation=False, seed=0, resolution=512, batch_size=1,
-                   checkpoint_every=100, resume_from="", overwrite=False, precision="auto",
-                   gradient_checkpointing=False)
+                   mask=faces[2], options=options[0], name="my_identity", trigger="sks", initializer="person",
+                   steps=600, learning_rate=0.0, resolution=512, preview_every=25,
+                   sample_prompt="a photo of sks person, smiling\na photo of sks person in a park, golden hour",
+                   sample_every=100, save_every=100)
     wf.add("PreviewImage", col=3, title="Loss curve", images=train[1])
+    wf.add("PreviewImage", col=3, title="Attention maps", images=train[4])
+    wf.add("SaveImage", col=3, title="Samples", images=train[3], filename_prefix="sefi/training_samples")
     return wf
 
 
@@ -362,15 +370,20 @@ def liveportrait_chain() -> Workflow:
 def world_identity() -> Workflow:
     wf = Workflow("07_world_identity", "The miniature world (docs/world.md; `make serve` puts its checkpoint, photo "
                   "and mask in place): a held-out person's studio photo and the world's own face mask → SeFi Train "
-                  "Identity (64 px, loss_sites all: the world's one attention site is at the full latent) → four "
-                  "prompts in other scenes, two with an attribute edit, shown 4× enlarged.")
+                  "Identity (64 px, loss_sites all on SeFi Training Options: the world's one attention site is at "
+                  "the full latent; samples of two prompts every 25 steps on the node) → four prompts in other "
+                  "scenes, two with an attribute edit, shown 4× enlarged.")
     photo = wf.add("LoadImage", col=0, title="World photo (held-out person 0)", image=WORLD_PHOTO)
     mask = wf.add("LoadImageMask", col=0, title="Its face mask", image=WORLD_MASK, channel="red")
     ckpt = wf.add("CheckpointLoaderSimple", col=0, ckpt_name=WORLD_CHECKPOINT)
+    options = wf.add("SeFiTrainingOptions", col=0, loss_sites="all", checkpoint_every=50)
     train = wf.add("SeFiTrainIdentity", col=1, model=ckpt[0], clip=ckpt[1], vae=ckpt[2], images=photo[0],
-                   mask=mask[0], name="world_person_0", trigger="sks", initializer="person", steps=150,
-                   resolution=64, loss_sites="all", checkpoint_every=50)
+                   mask=mask[0], options=options[0], name="world_person_0", trigger="sks", initializer="person",
+                   steps=150, resolution=64, preview_every=5, sample_prompt="\n".join(WORLD_PROMPTS[:2]),
+                   sample_every=25, save_every=50)
     wf.add("PreviewImage", col=2, title="Loss curve", images=train[1])
+    wf.add("PreviewImage", col=2, title="Attention maps", images=train[4])
+    wf.add("PreviewImage", col=2, title="Samples while training", images=train[3])
     neg = wf.add("CLIPTextEncode", col=1, title="Negative prompt (empty)", text="", clip=ckpt[1])
     latent = wf.add("EmptyLatentImage", col=1, width=64, height=64, batch_size=1)
     batch = None

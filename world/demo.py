@@ -134,7 +134,7 @@ def main(out, steps: int | None = None) -> int:
     identity, curve, filename = host.run(
         "SeFiTrainIdentity", model=model, clip=clip, vae=vae, images=photo, mask=world_mask, name="world_demo",
         trigger=TRIGGER, initializer="person", steps=steps or DEMO_STEPS, learning_rate=0.0, overwrite=True,
-        seed=0, checkpoint_every=max((steps or DEMO_STEPS) // 2, 1), **TRAIN_SETTINGS)
+        seed=0, checkpoint_every=max((steps or DEMO_STEPS) // 2, 1), **TRAIN_SETTINGS)[:3]
     hook_module.PROGRESS_HOOKS.remove(hook)
     scored = render_identity(host, model, clip, vae, identity, truth)
     out = Path(out)

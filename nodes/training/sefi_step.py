@@ -164,12 +164,22 @@ class SefiStep:
         grids = [attn_core.mask_to_grid(m.to(r[3].device), r[3].shape[2], self.latent_hw) for r in records]
         return losses.mask_attention_loss([r[3] for r in records], grids, mode=s.mask_loss_mode)
 
+    @property
+    def loss_columns(self) -> list[tuple[list[int], list[int]]]:
+        """Per template, the (training prompt, reference prompt) key columns whose maps the attention loss reads."""
+        return self.columns if self.settings.attention_loss == "reference" else self.id_columns
+
+    def identity_positions(self, j: int = 0) -> list[int]:
+        """Where the identity slots sit among template j's loss columns (their reference partners sit at the same
+        places among the reference columns)."""
+        slots = set(self.prompts[j].slots)
+        return [i for i, c in enumerate(self.loss_columns[j][0]) if c in slots]
+
     def __call__(self, tokens: dict[str, Tensor], rng: torch.Generator, step: int):
         s = self.settings
         j, x0, m, t, noise = self._draw(rng, s.batch_size)
         capture = s.attention_loss != "off" and s.attention_weight > 0
-        columns = self.columns if s.attention_loss == "reference" else self.id_columns
-        diff, records, m = self._forward(tokens, j, x0, m, t, noise, capture, columns)
+        diff, records, m = self._forward(tokens, j, x0, m, t, noise, capture, self.loss_columns)
         # tensors, not floats: the loop reads them back when it syncs (sefi_core.step_sync); `t` is on the CPU
         parts = {"diffusion": diff.detach(), "t": float(t.float().mean())}
         terms = {"diffusion": diff}
@@ -178,6 +188,15 @@ class SefiStep:
             parts["attention"] = att.detach()
             terms["attention"] = s.attention_weight * att
         return sum(terms.values()), parts, terms
+
+    @torch.no_grad()
+    def attention_records(self, tokens: dict[str, Tensor], image: int, t: int, noise: Tensor, j: int = 0):
+        """The loss sites' records (block, id, index, identity-prompt maps, reference maps) of photo `image` at
+        timestep index `t` with `noise`, over the loss's own columns: what the attention loss would read there."""
+        x0 = self.latents[image:image + 1]
+        m = self.masks[image:image + 1] if self.masks is not None else None
+        _, records, _ = self._forward(tokens, j, x0, m, torch.tensor([int(t)]), noise, True, self.loss_columns)
+        return records
 
     @torch.no_grad()
     def evaluate(self, tokens: dict[str, Tensor], pairs: Sequence[tuple[int, Tensor]], image: int = 0):

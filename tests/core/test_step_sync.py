@@ -172,3 +172,24 @@ def test_choices_and_their_checks() -> None:
     assert choose_sync(meta, False, None, None) == (False, 1)
     with pytest.raises(ValueError, match="not available"):
         choose_sync(meta, False, True, None)
+
+
+def test_settle_at_steps_reach_on_progress_with_the_generator_of_that_step() -> None:
+    """A sample render or snapshot at step s reads the generator in on_progress(s): with steps read back together,
+    settle_at makes the loop read back right after s, so the generator is not already some steps further."""
+    gen = _generator()
+    seen: dict[int, dict] = {}
+    reference = {}
+
+    def every_step(step, total, loss, parts):
+        reference[step] = {k: v.detach().clone() for k, v in gen.state_dict().items()}
+
+    run_training(gen, Toy("reference"), _settings(steps=9, checkpoint_every=0), on_progress=every_step,
+                 fused=True, sync_every=1)
+    gen = _generator()
+    run_training(gen, Toy("reference"), _settings(steps=9, checkpoint_every=0), fused=True, sync_every=4,
+                 on_progress=lambda step, total, loss, parts: seen.__setitem__(
+                     step, {k: v.detach().clone() for k, v in gen.state_dict().items()}),
+                 settle_at=lambda step: step in (3, 6))
+    assert _same_tensors(seen[3], reference[3]) and _same_tensors(seen[6], reference[6])
+    assert not _same_tensors(seen[1], reference[1])  # without settle_at a step reaches on_progress later

@@ -151,21 +151,25 @@ def test_settled_without_a_server(tmp_path, people, capsys):
 
 
 def test_graph_shape_and_usage_errors(tmp_path, capsys):
-    train_info = {"input": {"required": {"model": ["MODEL"], "images": ["IMAGE"], "steps": ["INT", {"default": 600}],
-                                         "attention_loss": [["reference", "mask", "off"]]},
-                            "optional": {"mask": ["MASK"]}}}
+    train_info = {"input": {"required": {"model": ["MODEL"], "images": ["IMAGE"], "steps": ["INT", {"default": 600}]},
+                            "optional": {"mask": ["MASK"], "options": ["SEFI_TRAINING_OPTIONS"]}}}
+    options_info = {"input": {"required": {"attention_loss": [["reference", "mask", "off"]],
+                                           "overwrite": ["BOOLEAN", {"default": False}],
+                                           "resume_from": ["STRING", {"default": ""}]}}}
     mask_info = {"input": {"required": {"image": ["IMAGE"], "crop_size": ["INT", {"default": 512}],
                                         "backend": ["COMBO", {"options": ["auto", "dlib"]}]}}}
     graph, owners = http_engine.build_graph("ann", ["a/0.png", "a/1.png", "a/2.png"], "m.safetensors", train_info,
-                                            mask_info, {"steps": 2}, "dlib", 64)
+                                            mask_info, {"steps": 2}, "dlib", 64, options_info=options_info)
     kinds = [n["class_type"] for n in graph.values()]
     assert kinds.count("LoadImage") == 3 and kinds.count("SeFiFaceMask") == 3 and kinds.count("ImageBatch") == 2
     train = next(n for n in graph.values() if n["class_type"] == "SeFiTrainIdentity")["inputs"]
-    assert train["steps"] == 2 and train["attention_loss"] == "reference" and train["name"] == "ann"
-    assert train["overwrite"] is True and "mask" not in train
+    assert train["steps"] == 2 and train["name"] == "ann" and "mask" not in train
+    options = graph[train["options"][0]]
+    assert options["class_type"] == "SeFiTrainingOptions" and train["options"][1] == 0
+    assert options["inputs"] == {"attention_loss": "reference", "overwrite": True, "resume_from": ""}
     assert sorted(set(owners.values())) == [0, 1, 2]
     graph, _ = http_engine.build_graph("ann", ["a/0.png"], "m", train_info, mask_info,
-                                       {"attention_loss": "mask"}, "dlib", 64)
+                                       {"attention_loss": "mask"}, "dlib", 64, options_info=options_info)
     train = next(n for n in graph.values() if n["class_type"] == "SeFiTrainIdentity")["inputs"]
     assert graph[train["mask"][0]]["class_type"] == "SeFiFaceMask" and train["images"] == ["3", 1]
     assert cli.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--server", "http://x",

@@ -35,8 +35,10 @@ def cited_names(message: str) -> set[str]:
 
 
 def inputs_of(host, node: str) -> set[str]:
-    spec = host.nodes[node].INPUT_TYPES()
-    return set(spec.get("required", {})) | set(spec.get("optional", {}))
+    """A node's inputs; the trainer's include those of SeFi Training Options, which carries its other settings."""
+    nodes = [node, "SeFiTrainingOptions"] if node == "SeFiTrainIdentity" else [node]
+    specs = [host.nodes[n].INPUT_TYPES() for n in nodes]
+    return set().union(*(set(spec.get("required", {})) | set(spec.get("optional", {})) for spec in specs))
 
 
 def check(host, node: str, message: str) -> None:

@@ -70,14 +70,14 @@ def test_booleans_take_true_false_and_their_strings_only(pack):
 def test_the_prompt_handler_normalises_only_this_packs_boolean_widgets(pack):
     edges, nodes = pack.glue("edges"), pack.module.nodes
     prompt = {"prompt": {
-        "1": {"class_type": "SeFiTrainIdentity", "inputs": {"overwrite": "false", "kv_split": "TRUE",
-                                                            "keep_checkpoint": ["9", 0], "compile_unet": 0,
-                                                            "name": "false"}},
+        "1": {"class_type": "SeFiTrainingOptions", "inputs": {"overwrite": "false", "kv_split": "TRUE",
+                                                              "keep_checkpoint": ["9", 0], "compile_unet": 0,
+                                                              "resume_from": "false"}},
         "2": {"class_type": "SomeOtherPackNode", "inputs": {"overwrite": "false"}}}}
     edges.normalise_prompt_booleans(prompt, nodes.NODE_CLASS_MAPPINGS)
     inputs = prompt["prompt"]["1"]["inputs"]
     assert inputs["overwrite"] is False and inputs["kv_split"] is True
-    assert inputs["keep_checkpoint"] == ["9", 0] and inputs["name"] == "false"  # a link, a STRING
+    assert inputs["keep_checkpoint"] == ["9", 0] and inputs["resume_from"] == "false"  # a link, a STRING
     refused = inputs["compile_unet"]
     assert json.loads(json.dumps(refused)) == "0"  # still plain JSON for the host's error reply
     # the hosts deep-copy queued prompts (and may pickle them): a copy must still refuse, never break the queue

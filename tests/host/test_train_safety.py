@@ -115,13 +115,16 @@ def test_the_hint_and_the_check_are_one_rule(pack, good):
 
 
 def test_the_longest_valid_name_writes_all_its_files(host, sd15, pack, photo):
-    """225 bytes is the limit: the identity's temp file is then exactly 255 bytes, and training and saving work
-    (keep_checkpoint=true keeps the checkpoint; the default deletes it, see the crash test)."""
+    """218 bytes is the limit: the temp file of a snapshot at step 999999 is then exactly 255 bytes, and training
+    and saving work (keep_checkpoint=true keeps the checkpoint; the default deletes it, see the crash test)."""
     train, policies = pack.glue("train"), pack.glue("train_policies")
-    name = "n" * 225
+    name = "n" * 218
     assert max(len(f) for f in policies.produced_file_names(name)) == 255
-    _train(host, sd15, photo, name=name, overwrite=True, keep_checkpoint=True)
+    with pytest.raises(ValueError, match="too long"):
+        policies.check_name(name + "n")
+    _train(host, sd15, photo, name=name, overwrite=True, keep_checkpoint=True, save_every=1)
     assert (train.identity_dir() / f"{name}.safetensors").is_file()
+    assert (train.identity_dir() / f"{name}@1.safetensors").is_file()
     assert (train.checkpoint_dir() / f"{name}.sefi-train").is_file()
 
 

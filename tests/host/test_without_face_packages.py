@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-NODES = {"SeFiFaceMask", "SeFiTrainIdentity", "SeFiLoadIdentity", "SeFiApplyIdentity", "SeFiIdentityScore"}
+NODES = {"SeFiFaceMask", "SeFiTrainIdentity", "SeFiLoadIdentity", "SeFiApplyIdentity", "SeFiIdentityScore",
+         "SeFiTrainingOptions"}
 
 SCRIPT = r"""
 import importlib, json, sys

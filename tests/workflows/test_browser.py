@@ -239,3 +239,146 @@ def test_workflow_opens_in_the_web_ui(ui, name, object_info, third_party_allowed
     ui.screenshot(shot)
     assert shot.stat().st_size > 10_000
     _keep_if_unchanged(shot, screenshot_dir / f"{name}.png")
+
+
+# ------------------------------------------------------------------------------------------------- watching a run
+
+WATCH_NAME = "watched"
+WATCH_STEPS = 4
+WATCH_SNAPSHOTS = 2  # snapshots at steps 2 and 4; one sampling point (step 4): renders are what costs most here
+WATCH_SCREENSHOT = "training_watch"
+
+SET_WIDGETS = """([id, values]) => {
+    const node = window.app.graph.getNodeById(id);
+    for (const [name, value] of Object.entries(values)) {
+        const widget = node.widgets.find(w => w.name === name);
+        if (!widget) throw new Error(`node ${id} (${node.type}) has no widget ${name}`);
+        widget.value = value;
+    }
+    window.app.graph.setDirtyCanvas(true, true);
+}"""
+
+# Records, in the page, what the UI itself receives for node `id`: its progress messages (value/max) and every
+# preview picture the frontend stores for it (app.nodePreviewImages, what both frontends draw on a running node),
+# each fetched at once (blob URLs are revoked later) for its size and a hash of its bytes.
+WATCH_NODE = """async (id) => {
+    const api = window.comfyAPI?.api?.api ?? (await import('/scripts/api.js')).api;
+    const seen = window.__sefiWatch = {progress: [], previews: []};
+    api.addEventListener('progress', ({detail}) => {
+        if (String(detail.node) === String(id)) seen.progress.push([detail.value, detail.max]);
+    });
+    const poll = async () => {
+        const url = (window.app.nodePreviewImages?.[String(id)] || [])[0];
+        if (!url || seen.previews.some(p => p.url === url)) return;
+        const entry = {url, at: seen.progress.length ? seen.progress[seen.progress.length - 1][0] : 0};
+        seen.previews.push(entry);
+        try {
+            const bytes = new Uint8Array(await (await fetch(url)).arrayBuffer());
+            let hash = 0;
+            for (let i = 0; i < bytes.length; i++) hash = (hash * 31 + bytes[i]) | 0;
+            const bitmap = await createImageBitmap(new Blob([bytes]));
+            Object.assign(entry, {bytes: bytes.length, hash, width: bitmap.width, height: bitmap.height});
+        } catch (err) { entry.error = String(err); }
+    };
+    window.__sefiWatchTimer = setInterval(poll, 40);
+}"""
+
+OUTPUT_IMAGES = """(ids) => ids.map(id => (window.app.nodeOutputs?.[String(id)]?.images || []).map(i => i.filename))"""
+
+ADD_LOADER = """() => {
+    const node = window.LiteGraph.createNode('SeFiLoadIdentity');
+    node.pos = [40, 40];
+    window.app.graph.add(node);
+    return node.id;
+}"""
+IDENTITY_CHOICES = """(id) => window.app.graph.getNodeById(id).widgets
+    .find(w => w.name === 'identity_name').options.values"""
+
+
+def _node_id(workflow: dict, node_type: str, title: str | None = None) -> int:
+    (node,) = [n for n in workflow["nodes"] if n["type"] == node_type and (title is None or n.get("title") == title)]
+    return node["id"]
+
+
+def _press_queue(ui, vue: bool) -> None:
+    """The Run/Queue button a person presses: upstream's action bar, or the legacy floating menu's."""
+    if vue:
+        ui.page.locator("[data-testid='queue-button'] button").first.click()
+    else:
+        ui.page.add_style_tag(content=".comfy-menu { display: flex !important; }")
+        ui.page.locator("#queue-button").click()
+
+
+def _press_refresh(ui, vue: bool) -> None:
+    """Refresh the node definitions (model lists) as a person does: 'r' over the canvas upstream, the legacy menu's
+    Refresh button."""
+    if vue:
+        ui.page.locator("#graph-canvas").click(position={"x": 5, "y": 300})
+        ui.page.keyboard.press("r")
+    else:
+        ui.page.locator("#comfy-refresh-button").click()
+        ui.page.add_style_tag(content=".comfy-menu { display: none !important; }")
+
+
+def test_a_person_watches_training_in_the_web_ui(ui, server, faces_dir, tiny_sd15, screenshot_dir, tmp_path):
+    """Workflow 01 opened and queued in the browser: the trainer node's progress advances, its live preview
+    appears and changes (loss curve, then samples beside it), the loss curve and the attention-map picture reach
+    their preview nodes, and after a refresh SeFi Load Identity lists the step snapshots. Screenshots of the running
+    node and the finished graph go to the screenshot folder."""
+    import_required("dlib", reason="SeFiFaceMask's offline backend needs dlib-bin")
+    from PIL import Image
+    inputs = server.base_dir / "input"
+    inputs.mkdir(parents=True, exist_ok=True)
+    with Image.open(faces_dir / "obama_1.jpg") as im:
+        im = im.convert("RGB")
+        im.thumbnail((320, 320))
+        im.save(inputs / wb.PHOTO)
+
+    workflow = wb.load_ui("01_train_identity")
+    ui.load(workflow, "01_train_identity", expect_missing=False)
+    vue = ui.page.evaluate(BOUNDS)["vue"]
+    trainer = _node_id(workflow, "SeFiTrainIdentity")
+    curve = _node_id(workflow, "PreviewImage", "Loss curve")
+    maps = _node_id(workflow, "PreviewImage", "Attention maps")
+    ui.page.evaluate(SET_WIDGETS, [_node_id(workflow, "CheckpointLoaderSimple"), {"ckpt_name": tiny_sd15.name}])
+    ui.page.evaluate(SET_WIDGETS, [_node_id(workflow, "SeFiFaceMask"), {"crop_size": 128}])
+    ui.page.evaluate(SET_WIDGETS, [_node_id(workflow, "SeFiTrainingOptions"),
+                                   {"stages": 2, "checkpoint_every": 0, "overwrite": True}])
+    ui.page.evaluate(SET_WIDGETS, [trainer, {"name": WATCH_NAME, "steps": WATCH_STEPS, "resolution": 64,
+                                             "preview_every": 1, "sample_every": WATCH_STEPS,
+                                             "sample_prompt": "a photo of sks person, smiling",
+                                             "save_every": WATCH_SNAPSHOTS}])
+    ui.page.evaluate(WATCH_NODE, trainer)
+    _press_queue(ui, vue)
+
+    # running: wait for a preview with samples beside the curve, then photograph the running node
+    ui.page.wait_for_function("() => (window.__sefiWatch.previews || []).some(p => p.width > 600)",
+                              timeout=1_200_000, polling=200)
+    running = tmp_path / f"{WATCH_SCREENSHOT}_running.png"
+    ui.screenshot(running)
+    ui.page.wait_for_function(f"() => {OUTPUT_IMAGES}([{curve}, {maps}]).every(list => list.length > 0)",
+                              timeout=900_000, polling=200)
+    seen = ui.page.evaluate("() => window.__sefiWatch")
+    values = [v for v, _ in seen["progress"]]
+    assert values == sorted(values) and values[-1] == WATCH_STEPS and set(values) == set(range(1, WATCH_STEPS + 1)), \
+        values
+    previews = [p for p in seen["previews"] if "error" not in p]
+    assert len(previews) >= 3, seen["previews"]
+    assert len({p["hash"] for p in previews}) == len(previews), "the preview did not change"
+    assert previews[0]["width"] == 512 and previews[0]["height"] == 256, previews[0]
+    assert max(p["width"] for p in previews) == 512 + 256, previews  # the sample prompt's render beside the curve
+    assert not ui.errors, ui.errors
+
+    # a SeFi Load Identity placed now lists what the page loaded at start; the snapshots appear after a refresh
+    snapshots = {f"{WATCH_NAME}@{WATCH_SNAPSHOTS}.safetensors", f"{WATCH_NAME}@{WATCH_STEPS}.safetensors"}
+    loader = ui.page.evaluate(ADD_LOADER)
+    assert not snapshots & set(ui.page.evaluate(IDENTITY_CHOICES, loader))
+    _press_refresh(ui, vue)
+    ui.page.wait_for_function(f"(id) => {json.dumps(sorted(snapshots))}.every(s => ({IDENTITY_CHOICES})(id)"
+                              ".includes(s))", arg=loader, timeout=60_000, polling=500)
+    assert {p.name for p in (server.models_dir / "sefi_identities").glob(f"{WATCH_NAME}@*")} == snapshots
+    finished = tmp_path / f"{WATCH_SCREENSHOT}_finished.png"
+    ui.screenshot(finished)
+    for shot in (running, finished):
+        assert shot.stat().st_size > 10_000
+        _keep_if_unchanged(shot, screenshot_dir / shot.name)

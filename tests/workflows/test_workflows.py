@@ -263,7 +263,9 @@ def for_test(graph: dict, ckpt_name: str, controlnet_name: str | None = None) ->
         elif kind == "SeFiFaceMask":
             inputs["crop_size"] = 128
         elif kind == "SeFiTrainIdentity":
-            inputs.update(steps=TRAIN_STEPS, stages=TRAIN_STAGES, resolution=TEST_SIZE, checkpoint_every=0)
+            inputs.update(steps=TRAIN_STEPS, resolution=TEST_SIZE)
+        elif kind == "SeFiTrainingOptions":
+            inputs.update(stages=TRAIN_STAGES, checkpoint_every=0)
     return graph
 
 
@@ -301,7 +303,8 @@ def trained(server, staged):
     for photo, name, trigger in ((wb.PHOTO, "my_identity", "sks"), (wb.PHOTO_2, "friend_identity", "zwx")):
         graph = copy.deepcopy(base)
         node_of(graph, "LoadImage")["inputs"]["image"] = photo
-        node_of(graph, "SeFiTrainIdentity")["inputs"].update(name=name, trigger=trigger)
+        inputs = node_of(graph, "SeFiTrainIdentity")["inputs"]
+        inputs.update(name=name, trigger=trigger, sample_prompt=inputs["sample_prompt"].replace("sks", trigger))
         entries[name] = server.client.run(graph, timeout=300)
     return entries
 
@@ -311,7 +314,7 @@ def test_01_train_identity_saves_identity_and_loss_curve(server, trained):
     graph = wb.load_api("01_train_identity")
     (train_id,) = [k for k, n in graph.items() if n["class_type"] == "SeFiTrainIdentity"]
     (curve_id,) = [k for k, n in graph.items() if n["class_type"] == "PreviewImage"
-                   and n["inputs"]["images"][0] == train_id]
+                   and n["inputs"]["images"] == [train_id, 1]]
     for name, file_name in (("my_identity", wb.IDENTITY), ("friend_identity", wb.IDENTITY_2)):
         assert (server.models_dir / "sefi_identities" / file_name).is_file(), server.log()[-3000:]
         assert images_of(trained[name], curve_id), f"no loss curve preview for {name}"
