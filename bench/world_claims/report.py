@@ -1,0 +1,250 @@
+"""The claims benchmark's report: per variant, means with 95 % intervals over the runs (one run = one held-out
+person and one seed), the paper's predictions checked against them, and the plots."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .plan import LAMBDA_SWEEP, MOVE_KINDS, VARIANT_NAMES, variant
+
+HAND_WRITTEN = "<!-- Written by hand below this line; the bench keeps it when it rewrites this file. -->"
+KIND_ITEMS = {"scene": ("scene",), "framing": ("framing",),
+              "attribute": ("hair", "eyes", "glasses", "hat", "smiling", "old")}
+
+
+def interval(values) -> tuple[float, float, int]:
+    """(mean, half-width of the 95 % t-interval, n); the half-width is nan for fewer than two values."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan"), 0
+    if v.size == 1:
+        return float(v[0]), float("nan"), 1
+    from scipy.stats import t
+    return float(v.mean()), float(t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)), int(v.size)
+
+
+def run_scores(result: dict) -> dict[str, float | None]:
+    """One run's numbers: means over its pictures (identity counts 0 where no person was drawn)."""
+    pics = result["pictures"]
+    scores = {
+        "identity": float(np.mean([p["identity"] or 0.0 for p in pics])),
+        "prompt": float(np.mean([p["prompt_fidelity"] for p in pics])),
+        "overfit_photo": result["photo_face_share"],
+        "overfit_generated": _mean([p["face_share"] for p in pics]),
+        "grad_share": _mean([s for step, s in result["grad_shares"] if step > 1]),
+    }
+    for kind in MOVE_KINDS:
+        shown = [ok for p in pics for item, ok in p["items"].items() if item in KIND_ITEMS[kind]]
+        scores[kind] = float(np.mean(shown)) if shown else None
+    return scores
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def summarise(results: list[dict]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """variant → metric → (mean, 95 % half-width, n)."""
+    table = {}
+    for name in VARIANT_NAMES:
+        runs = [run_scores(r) for r in results if r["variant"] == name]
+        if runs:
+            table[name] = {m: interval([r[m] for r in runs]) for m in runs[0]}
+    return table
+
+
+def _pct(cell: tuple[float, float, int]) -> str:
+    mean, half, n = cell
+    if n == 0:
+        return "—"
+    return f"{100 * mean:.1f}" + ("" if math.isnan(half) else f" ± {100 * half:.1f}")
+
+
+def _pm(delta: float, slack: float) -> str:
+    return f"{100 * delta:+.1f}" + ("" if math.isnan(slack) else f" ± {100 * slack:.1f}") + " points"
+
+
+def predictions(table) -> list[tuple[str, str, str]]:
+    """The paper's predictions, each with what was measured and whether it held (yes / no / unclear: the 95 %
+    intervals overlap)."""
+    out = []
+    if not {"ti", "sefi"} <= set(table):
+        return out
+
+    def diff(a, b, metric):
+        """(a − b, the sum of their 95 % half-widths); the slack is nan below two runs each."""
+        (ma, ha, _), (mb, hb, _) = table[a][metric], table[b][metric]
+        return ma - mb, ha + hb
+
+    def verdict(delta, slack, want_positive=True):
+        if math.isnan(slack):
+            return "unclear (one run)"
+        if (delta > slack) if want_positive else (delta < -slack):
+            return "yes"
+        if (delta < -slack) if want_positive else (delta > slack):
+            return "no"
+        return "unclear (intervals overlap)"
+
+    def lowest(metric):
+        """The variant with the lowest mean, or None on a tie."""
+        ranked = sorted(table, key=lambda v: table[v][metric][0])
+        tie = len(ranked) > 1 and table[ranked[0]][metric][0] == table[ranked[1]][metric][0]
+        return None if tie else ranked[0]
+
+    overfit = table["ti"]["overfit_photo"][0]
+    top = lowest("overfit_photo")
+    out.append(("TI puts the least of its attention on the face (the highest overfit)",
+                f"TI {100 * overfit:.1f} % of its attention on the face; the least: "
+                + (f"{top} {100 * table[top]['overfit_photo'][0]:.1f} %" if top else "a tie"),
+                "unclear (a tie)" if top is None else ("yes" if top == "ti" else "no")))
+    low = lowest("prompt")
+    out.append(("TI has the lowest prompt fidelity", "lowest: " + (
+        f"{low} {100 * table[low]['prompt'][0]:.1f} %" if low else "a tie"),
+        "unclear (a tie)" if low is None else ("yes" if low == "ti" else "no")))
+    d, s = diff("sefi", "ti", "identity")
+    out.append(("SeFi keeps identity fidelity within a few (5) points of TI",
+                f"SeFi − TI = {_pm(d, s)}", "unclear (one run)" if math.isnan(s) else (
+                    "yes" if d > -0.05 else ("no" if d + s < -0.05 else "unclear (intervals overlap)"))))
+    d, s = diff("sefi", "ti", "prompt")
+    out.append(("SeFi's prompt fidelity rises clearly above TI's", f"SeFi − TI = {_pm(d, s)}", verdict(d, s)))
+    for name, what in (("no_attention", "the attention loss"), ("no_kv_split", "the K/V split"),
+                       ("one_stage", "the stages")):
+        if name in table:
+            d, s = diff("sefi", name, "prompt")
+            di, _ = diff("sefi", name, "identity")
+            out.append((f"{what} adds something (SeFi vs without it)",
+                        f"prompt {_pm(d, s)}, identity {100 * di:+.1f} points", verdict(d, s)))
+    sweep = [n for n in LAMBDA_SWEEP if n in table]
+    if len(sweep) >= 3:
+        first, last = sweep[0], sweep[-1]
+        d, s = diff(last, first, "overfit_photo")
+        out.append(("small λ overfits (less attention on the face than large λ)",
+                    f"face share at λ {variant(last).weight:g} − at λ {variant(first).weight:g}: "
+                    f"{_pm(d, s)}", verdict(d, s)))
+        d, s = diff(last, "sefi", "identity")
+        out.append(("large λ loses the identity", f"identity at λ {variant(last).weight:g} − at 0.003: "
+                    f"{_pm(d, s)}", verdict(d, s, want_positive=False)))
+    return out
+
+
+def markdown(table, results: list[dict], command: str, figures: dict[str, str]) -> str:
+    people = sorted({r["person"] for r in results})
+    seeds = sorted({r["seed"] for r in results})
+    steps = sorted({r["steps"] for r in results})
+    hosts = sorted({r["host"] for r in results})
+    hours = sum(r["seconds"] for r in results) / 3600
+    lines = [
+        "# The method's claims, measured in the miniature world",
+        "",
+        "Generated by `python -m bench.world_claims` (bench/world_claims/); docs/world.md describes the world.",
+        "",
+        f"- command: `{command}`",
+        f"- runs: {len(results)} — held-out people {_listed(people)}, seeds {_listed(seeds)}, {_listed(steps)} training steps each, one studio "
+        f"close-up per person; {sum(len(r['pictures']) for r in results)} pictures",
+        f"- host: {', '.join(hosts)}; measured run time {hours:.2f} h on this machine (sum over runs)",
+        "- scores are means over runs with 95 % t-intervals (one run = one person and one seed); identity: share of "
+        "the person's wordless traits the picture shows (0 where no person is drawn); prompt: share of what the "
+        "prompt asks that the picture shows; face share: the identity token's cross-attention mass inside the face "
+        "(on the training photo, and on the generated pictures), at the trainer's loss sites, mean over three "
+        "timesteps",
+        "",
+        "| variant | identity % | prompt % | scene % | framing % | attributes % | face share, photo % | "
+        "face share, generated % | attention grad share % | runs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in table.items():
+        lines.append(f"| {name} — {variant(name).label} | {_pct(row['identity'])} | {_pct(row['prompt'])} | "
+                     f"{_pct(row['scene'])} | {_pct(row['framing'])} | {_pct(row['attribute'])} | "
+                     f"{_pct(row['overfit_photo'])} | {_pct(row['overfit_generated'])} | "
+                     f"{_pct(row['grad_share'])} | {row['identity'][2]} |")
+    lines += ["", "## The paper's predictions", "", "| prediction | measured | held |", "|---|---|---|"]
+    lines += [f"| {p} | {m} | {v} |" for p, m, v in predictions(table)]
+    lines.append("")
+    for title, path in figures.items():
+        lines += [f"![{title}]({path})", ""]
+    return "\n".join(lines)
+
+
+def _listed(values) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def write_markdown(path: Path, text: str) -> None:
+    """Write the generated report, keeping whatever follows HAND_WRITTEN in the existing file."""
+    from sefi_core.atomic import atomic_write_text
+    kept = ""
+    if path.exists():
+        old = path.read_text(encoding="utf-8")
+        if HAND_WRITTEN in old:
+            kept = old[old.index(HAND_WRITTEN) + len(HAND_WRITTEN):]
+    atomic_write_text(path, text + "\n" + HAND_WRITTEN + (kept if kept else "\n"))
+
+
+def plot_tradeoff(table, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+    for name, row in table.items():
+        (mi, hi, _), (mp, hp, _) = row["identity"], row["prompt"]
+        ax.errorbar(100 * mp, 100 * mi, xerr=None if math.isnan(hp) else 100 * hp,
+                    yerr=None if math.isnan(hi) else 100 * hi, fmt="o", capsize=3,
+                    color="tab:red" if name == "ti" else ("tab:blue" if name == "sefi" else "tab:gray"))
+        ax.annotate(name, (100 * mp, 100 * mi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("prompt fidelity (%)")
+    ax.set_ylabel("identity fidelity (%)")
+    ax.set_title("identity vs prompt fidelity per variant (95 % intervals)")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_lambda(table, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [n for n in LAMBDA_SWEEP if n in table]
+    labels = [f"{variant(n).weight:g}" for n in names]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for metric, colour in (("identity", "tab:purple"), ("prompt", "tab:green"), ("overfit_photo", "tab:orange")):
+        means = [100 * table[n][metric][0] for n in names]
+        halves = [0 if math.isnan(table[n][metric][1]) else 100 * table[n][metric][1] for n in names]
+        ax.errorbar(range(len(names)), means, yerr=halves, fmt="-o", capsize=3, color=colour,
+                    label={"overfit_photo": "face share of attention (photo)"}.get(metric, f"{metric} fidelity"))
+    ax.set_xticks(range(len(names)), labels)
+    ax.set_xlabel("λ (reference attention loss)")
+    ax.set_ylabel("%")
+    ax.set_title("the λ sweep")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    from sefi_core.atomic import atomic_write_bytes
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def picture_rows(rows: list[tuple[str, np.ndarray]], path: Path, scale: int = 3) -> None:
+    """Labelled rows of uint8 pictures stacked into one PNG."""
+    from PIL import Image, ImageDraw
+    width = max(r.shape[1] for _, r in rows) * scale
+    parts = []
+    for label, row in rows:
+        image = Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.NEAREST)
+        header = Image.new("RGB", (width, 14), (255, 255, 255))
+        ImageDraw.Draw(header).text((4, 1), label, fill=(20, 20, 20))
+        canvas = Image.new("RGB", (width, image.height), (255, 255, 255))
+        canvas.paste(image, (0, 0))
+        parts += [np.asarray(header), np.asarray(canvas)]
+    from sefi_core.atomic import atomic_write
+    atomic_write(path, lambda f: Image.fromarray(np.concatenate(parts)).save(f, format="PNG"))

@@ -1,0 +1,96 @@
+"""The claims benchmark's whole path, small: one held-out person, one step, two variants, two prompts — every score
+computed and in range, each run cached, the report and its figures written. (The full table is a bench run:
+docs/results.md.)"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench.world_claims import plan, report
+from bench.world_claims.__main__ import main
+from bench.world_claims.measure import World
+
+
+def _in_unit(x) -> bool:
+    return isinstance(x, float) and 0.0 <= x <= 1.0
+
+
+def test_claims_bench_runs_two_variants_and_writes_the_report(tmp_path, host, world_sd15, capsys):
+    from tools import embedded_host
+    world = World(host, world_sd15.name, embedded_host.host_label())
+    argv = ["--out", str(tmp_path), "--people", "0", "--seeds", "0", "--variants", "ti,sefi", "--steps", "1",
+            "--prompts", "2"]
+    assert main(argv, world=world) == 0
+    results = {}
+    for name in ("ti", "sefi"):
+        path = tmp_path / "runs" / f"{name}-person0-seed0-steps1.json"
+        results[name] = r = json.loads(path.read_text())
+        assert path.with_suffix(".npz").is_file()
+        assert r["variant"] == name and r["steps"] == 1 and len(r["pictures"]) == 2
+        assert _in_unit(r["photo_face_share"]) and r["photo_face_share"] > 0.0  # the photo has a face
+        for picture, move in zip(r["pictures"], plan.MOVES):
+            assert "sks person" in picture["prompt"]
+            assert picture["identity"] is None or _in_unit(picture["identity"])
+            assert _in_unit(picture["prompt_fidelity"])
+            assert picture["face_share"] is None or _in_unit(picture["face_share"])
+            assert set(picture["items"]) >= {"person", "scene", "framing"}
+            assert math.isclose(picture["prompt_fidelity"], sum(picture["items"].values()) / len(picture["items"]))
+            assert picture["moves"] == list(move.moves)
+    # the attention loss is on for SeFi only: its gradient share is logged at step 1, TI has none
+    assert results["ti"]["grad_shares"] == []
+    (step, share), = results["sefi"]["grad_shares"]
+    assert step == 1 and 0.0 <= share <= 1.0
+    # the two variants trained differently from the same photo and sampled the same noise
+    assert results["ti"]["final_loss"] != results["sefi"]["final_loss"]
+    text = (tmp_path / "results.md").read_text()
+    assert "| ti — textual inversion" in text and "| sefi — SeFi-IDE" in text and "## The paper's predictions" in text
+    assert report.HAND_WRITTEN in text
+    for figure in ("tradeoff.png", "pictures.png", "attention_ti_vs_sefi.png"):
+        assert (tmp_path / "results" / figure).read_bytes()[:4] == b"\x89PNG", figure
+
+    # a second call measures nothing new (no host is given: it would have to boot one) and keeps hand-written notes
+    (tmp_path / "results.md").write_text(text + "\nmy reading of the table\n")
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "2 cached" in capsys.readouterr().out
+    assert (tmp_path / "results.md").read_text().endswith("my reading of the table\n")
+
+
+def test_interval_is_the_95_percent_t_interval():
+    mean, half, n = report.interval([1.0, 2.0, 3.0, None])
+    assert (mean, n) == (2.0, 3) and half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-5)
+    assert math.isnan(report.interval([0.5])[1]) and report.interval([])[2] == 0
+
+
+def _table(**means):
+    """A summary table where every metric of a variant has the given mean and a half-width of 0.01."""
+    metrics = ("identity", "prompt", "overfit_photo", "overfit_generated", "grad_share", "scene", "framing",
+               "attribute")
+    return {v: {m: (values.get(m, 0.5), 0.01, 16) for m in metrics} for v, values in means.items()}
+
+
+def test_predictions_say_yes_no_and_unclear_from_the_intervals():
+    held = {p: v for p, _, v in report.predictions(_table(
+        ti=dict(identity=0.80, prompt=0.50, overfit_photo=0.20),
+        sefi=dict(identity=0.78, prompt=0.70, overfit_photo=0.60),
+        no_attention=dict(identity=0.80, prompt=0.695, overfit_photo=0.30)))}
+    assert held["TI puts the least of its attention on the face (the highest overfit)"] == "yes"
+    assert held["TI has the lowest prompt fidelity"] == "yes"
+    assert held["SeFi keeps identity fidelity within a few (5) points of TI"] == "yes"
+    assert held["SeFi's prompt fidelity rises clearly above TI's"] == "yes"
+    assert held["the attention loss adds something (SeFi vs without it)"] == "unclear (intervals overlap)"
+    held = {p: v for p, _, v in report.predictions(_table(ti=dict(prompt=0.7, identity=0.9),
+                                                           sefi=dict(prompt=0.5, identity=0.6)))}
+    assert held["SeFi's prompt fidelity rises clearly above TI's"] == "no"
+    assert held["SeFi keeps identity fidelity within a few (5) points of TI"] == "no"
+
+
+def test_runs_cover_every_variant_on_the_same_people_first():
+    runs = plan.runs(["ti", "sefi"], [0, 1], [0, 1])
+    assert [r.key for r in runs[:4]] == ["ti-person0-seed0", "sefi-person0-seed0", "ti-person1-seed0",
+                                         "sefi-person1-seed0"]
+    with pytest.raises(ValueError, match="unknown variant"):
+        plan.runs(["tii"], [0], [0])
+    assert plan.LAMBDA_SWEEP == ("no_attention", "lambda_1e-4", "sefi", "lambda_1e-2", "lambda_5e-2")
