@@ -34,8 +34,11 @@ def _ints(text: str) -> list[int]:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.world_claims", description=__doc__)
-    ap.add_argument("--out", type=Path, default=REPO / ".cache" / "world-claims",
-                    help="where each run's result is cached (resumable: finished runs are not repeated)")
+    # Committed, not under .cache: every session here starts on a fresh machine, and the full design takes longer
+    # than one session, so the finished runs must travel with the repository for the table to accumulate.
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "results",
+                    help="where each run's result is cached, in OUT/runs/ (resumable: finished runs are not "
+                         "repeated; default docs/results, committed)")
     ap.add_argument("--people", type=_ints, default=_ints("0-7"), help="held-out people (default 0-7)")
     ap.add_argument("--seeds", type=_ints, default=[0, 1], help="training seeds (default 0,1)")
     ap.add_argument("--variants", default=",".join(plan.VARIANT_NAMES),
@@ -44,9 +47,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompts", type=int, default=len(plan.MOVES), help="the first N prompts (default: all)")
     ap.add_argument("--hours", type=float, default=0.0,
                     help="start no new run after this many hours (0 = no limit); the report covers what is done")
+    ap.add_argument("--report-only", action="store_true",
+                    help="start no run: write the report from the runs already cached (e.g. after sharded calls)")
     ap.add_argument("--report", type=Path, default=None,
-                    help="the report's markdown file (default OUT/results.md); its figures go to a folder named "
-                         "like it without .md")
+                    help="the report's markdown file (default docs/results.md when OUT is the default, else "
+                         "OUT/results.md); its figures go to a folder named like it without .md")
     return ap
 
 
@@ -66,7 +71,7 @@ def main(argv=None, world=None) -> int:
     print(f"claims benchmark: {len(runs)} runs ({len(variants)} variants × {len(args.people)} people × "
           f"{len(args.seeds)} seeds, {args.steps} steps, {len(moves)} prompts); {len(runs) - len(missing)} cached in "
           f"{args.out}", flush=True)
-    if missing:
+    if missing and not args.report_only:
         from bench.world_claims.measure import boot_world, measure
         from sefi_core.atomic import atomic_write, atomic_write_text
         world = world or boot_world(Path(tempfile.mkdtemp(prefix="sefi-world-claims-")))
@@ -92,13 +97,14 @@ def main(argv=None, world=None) -> int:
     if not done:
         print("no finished runs to report")
         return 1
-    target = args.report or args.out / "results.md"
-    write_report(done, args, target, argv)
+    default_out = parser().get_default("out")
+    target = args.report or (REPO / "docs" / "results.md" if args.out == default_out else args.out / "results.md")
+    write_report(done, args, target, argv, planned=len(runs))
     print(f"report: {target}")
     return 0
 
 
-def write_report(done: list[dict], args, target: Path, argv) -> None:
+def write_report(done: list[dict], args, target: Path, argv, planned: int | None = None) -> None:
     from sefi_core.attention_picture import render_attention_picture
     import torch
     table = report.summarise(done)
@@ -139,7 +145,7 @@ def write_report(done: list[dict], args, target: Path, argv) -> None:
         report.picture_rows(attention, figures_dir / "attention_ti_vs_sefi.png", scale=1)
         figures["the identity token's attention over the photo: TI vs SeFi"] = f"{rel}/attention_ti_vs_sefi.png"
     command = "python -m bench.world_claims " + shlex.join(argv if argv is not None else sys.argv[1:])
-    report.write_markdown(target, report.markdown(table, done, command, figures))
+    report.write_markdown(target, report.markdown(table, done, command, figures, planned=planned))
 
 
 if __name__ == "__main__":

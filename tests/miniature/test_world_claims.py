@@ -57,6 +57,14 @@ def test_claims_bench_runs_two_variants_and_writes_the_report(tmp_path, host, wo
     assert "2 cached" in capsys.readouterr().out
     assert (tmp_path / "results.md").read_text().endswith("my reading of the table\n")
 
+    # --report-only starts no run for a person not yet measured (a world that cannot measure would fail if it did)
+    # and reports the cached ones: how sharded calls are joined into one table
+    capsys.readouterr()
+    assert main(argv[:3] + ["0,1"] + argv[4:] + ["--report-only"], world=object()) == 0
+    assert "2 cached" in capsys.readouterr().out
+    assert not (tmp_path / "runs" / "ti-person1-seed0-steps1.json").exists()
+    assert "runs: 2 of the design's 4" in (tmp_path / "results.md").read_text()
+
 
 def test_interval_is_the_95_percent_t_interval():
     mean, half, n = report.interval([1.0, 2.0, 3.0, None])
