@@ -25,7 +25,7 @@ SHIPPED_TOOLS = (*HOST_BOOT, "tools/batch_train.py")
 DEVELOPER_FILES = ("Makefile", "constraints.txt", "requirements-dev.txt", "requirements-insightface.txt")
 #: Path prefixes that never ship: environments, caches, models, run outputs, tests and benchmarks.
 FORBIDDEN_PREFIXES = (".venv", ".cache/", ".git/", "models/", "output/", "input/", "temp/", "user/",
-                      "demo-output/", "custom_nodes/", "device-out/", "tests/", "bench/", ".ci/")
+                      "demo-output/", "custom_nodes/", "device-out/", "tests/", "bench/", ".ci/", "docs/results/runs/")
 #: Model weights and archives: the pack downloads none and ships none.
 FORBIDDEN_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".onnx", ".bin", ".dat", ".bz2", ".gguf", ".zip",
                       ".pyc")

@@ -17,6 +17,7 @@ def test_pack_check_accepts_a_complete_package():
 
 @pytest.mark.parametrize("name", [".venv/lib/site.py", ".venv-comfycli/bin/comfy", ".cache/tiny/sd15.safetensors",
                                   "models/checkpoints/x.ckpt", "tests/data/faces/obama_1.jpg", "bench/results.json",
+                                  "docs/results/runs/ti-person0-seed0-steps150.npz",
                                   "nodes/__pycache__/faces.cpython-311.pyc", "weights/antelopev2.onnx",
                                   "node.zip", "tools/tiny_checkpoints.py", "tools/check_pack.py", "Makefile",
                                   "requirements-dev.txt"])
