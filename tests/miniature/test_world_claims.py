@@ -95,6 +95,18 @@ def test_predictions_say_yes_no_and_unclear_from_the_intervals():
     assert held["SeFi keeps identity fidelity within a few (5) points of TI"] == "no"
 
 
+def test_large_lambda_claim_compares_a_lambda_above_the_default_or_nothing():
+    sweep_to_default = dict(ti={}, sefi=dict(identity=0.6), no_attention={}, lambda_1e__4={})
+    held = {p: (m, v) for p, m, v in report.predictions(_table(**{k.replace("__", "-"): v
+                                                                 for k, v in sweep_to_default.items()}))}
+    assert "small λ overfits (less attention on the face than large λ)" in held
+    assert "large λ loses the identity" not in held   # no λ above 0.003 measured yet: nothing to compare
+    held = {p: (m, v) for p, m, v in report.predictions(_table(
+        ti={}, sefi=dict(identity=0.6), **{"lambda_1e-2": dict(identity=0.55), "lambda_5e-2": dict(identity=0.3)}))}
+    measured, verdict = held["large λ loses the identity"]
+    assert measured.startswith("identity at λ 0.05 − at 0.003: -30.0") and verdict == "yes"
+
+
 def test_runs_cover_every_variant_on_the_same_people_first():
     runs = plan.runs(["ti", "sefi"], [0, 1], [0, 1])
     assert [r.key for r in runs[:4]] == ["ti-person0-seed0", "sefi-person0-seed0", "ti-person1-seed0",
