@@ -67,15 +67,32 @@ def _pm(delta: float, slack: float) -> str:
     return f"{100 * delta:+.1f}" + ("" if math.isnan(slack) else f" ± {100 * slack:.1f}") + " points"
 
 
-def predictions(table) -> list[tuple[str, str, str]]:
+def per_run(results: list[dict]) -> dict[str, dict[tuple[int, int], dict]]:
+    """variant → (person, seed) → that run's scores: what paired comparisons need."""
+    out: dict[str, dict[tuple[int, int], dict]] = {}
+    for r in results:
+        out.setdefault(r["variant"], {})[(r["person"], r["seed"])] = run_scores(r)
+    return out
+
+
+def predictions(table, runs=None) -> list[tuple[str, str, str]]:
     """The paper's predictions, each with what was measured and whether it held (yes / no / unclear: the 95 %
-    intervals overlap)."""
+    interval of the difference holds 0, or the margin). `runs` (per_run): where two variants were trained on the
+    same people and seeds, their difference is taken run by run — the people differ far more than the variants, and
+    pairing takes that spread out; without it, or with under two shared runs, the difference's slack is the sum of
+    the two variants' half-widths."""
     out = []
     if not {"ti", "sefi"} <= set(table):
         return out
 
     def diff(a, b, metric):
-        """(a − b, the sum of their 95 % half-widths); the slack is nan below two runs each."""
+        """(a − b, the 95 % half-width of that difference); the slack is nan below two runs each."""
+        if runs and a in runs and b in runs:
+            shared = [k for k in runs[a] if k in runs[b]
+                      and runs[a][k][metric] is not None and runs[b][k][metric] is not None]
+            if len(shared) >= 2:
+                mean, half, _ = interval([runs[a][k][metric] - runs[b][k][metric] for k in shared])
+                return mean, half
         (ma, ha, _), (mb, hb, _) = table[a][metric], table[b][metric]
         return ma - mb, ha + hb
 
@@ -88,6 +105,19 @@ def predictions(table) -> list[tuple[str, str, str]]:
             return "no"
         return "unclear (intervals overlap)"
 
+    def ti_lowest(metric) -> tuple[str, str]:
+        """(how many variants TI is clearly below, the verdict): yes when it is clearly below each other variant,
+        no when one is clearly below TI, else unclear."""
+        others = [v for v in table if v != "ti" and not math.isnan(table[v][metric][0])]
+        gaps = [diff(v, "ti", metric) for v in others]
+        below = sum(d - s > 0 for d, s in gaps if not math.isnan(s))
+        count = f"; TI clearly below {below} of the {len(others)} others"
+        if any(d + s < 0 for d, s in gaps if not math.isnan(s)):
+            return count, "no"
+        if gaps and below == len(gaps):
+            return count, "yes"
+        return count, "unclear (one run)" if any(math.isnan(s) for _, s in gaps) else "unclear (intervals overlap)"
+
     def lowest(metric):
         """The variant with the lowest mean, or None on a tie."""
         ranked = sorted(table, key=lambda v: table[v][metric][0])
@@ -98,16 +128,17 @@ def predictions(table) -> list[tuple[str, str, str]]:
     top = lowest("overfit_photo")
     out.append(("TI puts the least of its attention on the face (the highest overfit)",
                 f"TI {100 * overfit:.1f} % of its attention on the face; the least: "
-                + (f"{top} {100 * table[top]['overfit_photo'][0]:.1f} %" if top else "a tie"),
-                "unclear (a tie)" if top is None else ("yes" if top == "ti" else "no")))
+                + (f"{top} {100 * table[top]['overfit_photo'][0]:.1f} %" if top else "a tie")
+                + ti_lowest("overfit_photo")[0], ti_lowest("overfit_photo")[1]))
     low = lowest("prompt")
     out.append(("TI has the lowest prompt fidelity", "lowest: " + (
-        f"{low} {100 * table[low]['prompt'][0]:.1f} %" if low else "a tie"),
-        "unclear (a tie)" if low is None else ("yes" if low == "ti" else "no")))
+        f"{low} {100 * table[low]['prompt'][0]:.1f} %" if low else "a tie") + ti_lowest("prompt")[0],
+        ti_lowest("prompt")[1]))
     d, s = diff("sefi", "ti", "identity")
+    # Within the margin only when the whole interval is: a mean inside it with a wide interval proves nothing.
     out.append(("SeFi keeps identity fidelity within a few (5) points of TI",
                 f"SeFi − TI = {_pm(d, s)}", "unclear (one run)" if math.isnan(s) else (
-                    "yes" if d > -0.05 else ("no" if d + s < -0.05 else "unclear (intervals overlap)"))))
+                    "yes" if d - s > -0.05 else ("no" if d + s < -0.05 else "unclear (intervals overlap)"))))
     d, s = diff("sefi", "ti", "prompt")
     out.append(("SeFi's prompt fidelity rises clearly above TI's", f"SeFi − TI = {_pm(d, s)}", verdict(d, s)))
     for name, what in (("no_attention", "the attention loss"), ("no_kv_split", "the K/V split"),
@@ -164,8 +195,12 @@ def markdown(table, results: list[dict], command: str, figures: dict[str, str], 
                      f"{_pct(row['scene'])} | {_pct(row['framing'])} | {_pct(row['attribute'])} | "
                      f"{_pct(row['overfit_photo'])} | {_pct(row['overfit_generated'])} | "
                      f"{_pct(row['grad_share'])} | {row['identity'][2]} |")
-    lines += ["", "## The paper's predictions", "", "| prediction | measured | held |", "|---|---|---|"]
-    lines += [f"| {p} | {m} | {v} |" for p, m, v in predictions(table)]
+    lines += ["", "## The paper's predictions", "",
+              "Differences are taken run by run (the same person and seed under both variants) where two or more "
+              "such pairs exist, with the 95 % t-interval of the paired differences; a prediction holds (yes) only "
+              "when that whole interval is on its side, fails (no) when it is wholly on the other.", "",
+              "| prediction | measured | held |", "|---|---|---|"]
+    lines += [f"| {p} | {m} | {v} |" for p, m, v in predictions(table, per_run(results))]
     lines.append("")
     for title, path in figures.items():
         lines += [f"![{title}]({path})", ""]

@@ -95,6 +95,25 @@ def test_predictions_say_yes_no_and_unclear_from_the_intervals():
     assert held["SeFi keeps identity fidelity within a few (5) points of TI"] == "no"
 
 
+def test_predictions_pair_runs_of_the_same_person_and_seed():
+    # The people differ by 40 points, SeFi beats TI by 10 on each: unpaired intervals overlap, the paired one is clear.
+    runs = {"ti": {(p, 0): {"prompt": 0.2 + 0.4 * p, "identity": 0.5, "overfit_photo": 0.2} for p in range(3)},
+            "sefi": {(p, 0): {"prompt": 0.3 + 0.4 * p + 0.001 * p * p, "identity": 0.5, "overfit_photo": 0.3}
+                     for p in range(3)}}
+    table = {v: {m: report.interval([r[m] for r in rs.values()]) for m in ("prompt", "identity", "overfit_photo")}
+             for v, rs in runs.items()}
+    unpaired = {p: (m, v) for p, m, v in report.predictions(table)}
+    paired = {p: (m, v) for p, m, v in report.predictions(table, runs)}
+    claim = "SeFi's prompt fidelity rises clearly above TI's"
+    assert unpaired[claim][1] == "unclear (intervals overlap)" and paired[claim][1] == "yes"
+    assert paired["TI has the lowest prompt fidelity"][1] == "yes"
+    # A difference whose mean is inside the 5-point margin but whose interval is not proves nothing.
+    wide = {v: {"identity": (m, 0.2, 3), "prompt": (0.5, 0.01, 3), "overfit_photo": (0.5, 0.01, 3)}
+            for v, m in (("ti", 0.50), ("sefi", 0.48))}
+    held = {p: v for p, _, v in report.predictions(wide)}
+    assert held["SeFi keeps identity fidelity within a few (5) points of TI"] == "unclear (intervals overlap)"
+
+
 def test_large_lambda_claim_compares_a_lambda_above_the_default_or_nothing():
     sweep_to_default = dict(ti={}, sefi=dict(identity=0.6), no_attention={}, lambda_1e__4={})
     held = {p: (m, v) for p, m, v in report.predictions(_table(**{k.replace("__", "-"): v
