@@ -201,10 +201,37 @@ def markdown(table, results: list[dict], command: str, figures: dict[str, str], 
               "when that whole interval is on its side, fails (no) when it is wholly on the other.", "",
               "| prediction | measured | held |", "|---|---|---|"]
     lines += [f"| {p} | {m} | {v} |" for p, m, v in predictions(table, per_run(results))]
-    lines.append("")
+    lines += [""] + grad_share_table(results)
     for title, path in figures.items():
         lines += [f"![{title}]({path})", ""]
     return "\n".join(lines)
+
+
+def grad_share_table(results: list[dict]) -> list[str]:
+    """Markdown lines: the attention term's share of the gradient at each logged step, per variant with an attention
+    loss, mean over its runs — the evidence docs/method.md asks for when choosing λ and the reduction."""
+    by_variant: dict[str, dict[int, list[float]]] = {}
+    for r in results:
+        if variant(r["variant"]).weight is None and r["variant"] != "mask":
+            continue
+        for step, share in r["grad_shares"]:
+            if share is not None:
+                by_variant.setdefault(r["variant"], {}).setdefault(step, []).append(share)
+    if not by_variant:
+        return []
+    steps = sorted({step for shares in by_variant.values() for step in shares})
+    lines = ["## The attention term's share of the gradient, step by step", "",
+             "Mean over each variant's runs, in % (the trainer's own grad_share_attention at its logged steps); "
+             "docs/method.md aims the default at 5–40 %.", "",
+             "| variant | " + " | ".join(f"step {s}" for s in steps) + " | runs |",
+             "|---|" + "---|" * (len(steps) + 1)]
+    for name in VARIANT_NAMES:
+        if name in by_variant:
+            cells = [f"{100 * float(np.mean(by_variant[name][s])):.1f}" if s in by_variant[name] else "—"
+                     for s in steps]
+            runs = sum(r["variant"] == name for r in results)
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {runs} |")
+    return lines + [""]
 
 
 def _listed(values) -> str:

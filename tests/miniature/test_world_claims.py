@@ -47,6 +47,8 @@ def test_claims_bench_runs_two_variants_and_writes_the_report(tmp_path, host, wo
     text = (tmp_path / "results.md").read_text()
     assert "| ti — textual inversion" in text and "| sefi — SeFi-IDE" in text and "## The paper's predictions" in text
     assert report.HAND_WRITTEN in text
+    # the gradient-share table has SeFi's logged step and no row for TI (no attention loss)
+    assert f"| sefi | {100 * share:.1f} | 1 |" in text and "| ti |" not in text
     for figure in ("tradeoff.png", "pictures.png", "attention_ti_vs_sefi.png"):
         assert (tmp_path / "results" / figure).read_bytes()[:4] == b"\x89PNG", figure
 
