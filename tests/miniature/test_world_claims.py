@@ -45,7 +45,8 @@ def test_claims_bench_runs_two_variants_and_writes_the_report(tmp_path, host, wo
     # the two variants trained differently from the same photo and sampled the same noise
     assert results["ti"]["final_loss"] != results["sefi"]["final_loss"]
     text = (tmp_path / "results.md").read_text()
-    assert "| ti — textual inversion" in text and "| sefi — SeFi-IDE" in text and "## The paper's predictions" in text
+    assert "| ti — textual inversion" in text and "| sefi — SeFi-IDE" in text
+    assert "## The paper's predictions" in text
     assert report.HAND_WRITTEN in text
     # the gradient-share table has SeFi's logged step and no row for TI (no attention loss)
     assert f"| sefi | {100 * share:.1f} | 1 |" in text and "| ti |" not in text
@@ -88,6 +89,7 @@ def test_predictions_say_yes_no_and_unclear_from_the_intervals():
         no_attention=dict(identity=0.80, prompt=0.695, overfit_photo=0.30)))}
     assert held["TI puts the least of its attention on the face (the highest overfit)"] == "yes"
     assert held["TI has the lowest prompt fidelity"] == "yes"
+    assert held["SeFi's identity token keeps more of its attention on the face than TI's"] == "yes"
     assert held["SeFi keeps identity fidelity within a few (5) points of TI"] == "yes"
     assert held["SeFi's prompt fidelity rises clearly above TI's"] == "yes"
     assert held["the attention loss adds something (SeFi vs without it)"] == "unclear (intervals overlap)"
@@ -99,18 +101,22 @@ def test_predictions_say_yes_no_and_unclear_from_the_intervals():
 
 def test_predictions_pair_runs_of_the_same_person_and_seed():
     # The people differ by 40 points, SeFi beats TI by 10 on each: unpaired intervals overlap, the paired one is clear.
-    runs = {"ti": {(p, 0): {"prompt": 0.2 + 0.4 * p, "identity": 0.5, "overfit_photo": 0.2} for p in range(3)},
-            "sefi": {(p, 0): {"prompt": 0.3 + 0.4 * p + 0.001 * p * p, "identity": 0.5, "overfit_photo": 0.3}
-                     for p in range(3)}}
-    table = {v: {m: report.interval([r[m] for r in rs.values()]) for m in ("prompt", "identity", "overfit_photo")}
-             for v, rs in runs.items()}
+    runs = {"ti": {(p, 0): {"prompt": 0.2 + 0.4 * p, "identity": 0.5, "overfit_photo": 0.2, "scene": 0.1 * p,
+                            "overfit_generated": 0.2}
+                   for p in range(3)},
+            "sefi": {(p, 0): {"prompt": 0.3 + 0.4 * p + 0.001 * p * p, "identity": 0.5, "overfit_photo": 0.3,
+                              "overfit_generated": 0.3, "scene": 0.1 * p + 0.05 + 0.001 * p * p} for p in range(3)}}
+    metrics = ("prompt", "identity", "overfit_photo", "overfit_generated", "scene")
+    table = {v: {m: report.interval([r[m] for r in rs.values()]) for m in metrics} for v, rs in runs.items()}
     unpaired = {p: (m, v) for p, m, v in report.predictions(table)}
     paired = {p: (m, v) for p, m, v in report.predictions(table, runs)}
     claim = "SeFi's prompt fidelity rises clearly above TI's"
     assert unpaired[claim][1] == "unclear (intervals overlap)" and paired[claim][1] == "yes"
+    assert paired["TI's studio leaks into the scenes asked for (scene fidelity: SeFi above TI)"][1] == "yes"
     assert paired["TI has the lowest prompt fidelity"][1] == "yes"
     # A difference whose mean is inside the 5-point margin but whose interval is not proves nothing.
-    wide = {v: {"identity": (m, 0.2, 3), "prompt": (0.5, 0.01, 3), "overfit_photo": (0.5, 0.01, 3)}
+    wide = {v: {"identity": (m, 0.2, 3), "prompt": (0.5, 0.01, 3), "overfit_photo": (0.5, 0.01, 3),
+                "overfit_generated": (0.5, 0.01, 3), "scene": (0.5, 0.01, 3)}
             for v, m in (("ti", 0.50), ("sefi", 0.48))}
     held = {p: v for p, _, v in report.predictions(wide)}
     assert held["SeFi keeps identity fidelity within a few (5) points of TI"] == "unclear (intervals overlap)"
