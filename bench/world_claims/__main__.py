@@ -114,6 +114,9 @@ def write_report(done: list[dict], args, target: Path, argv, planned: int | None
     figures = {}
     report.plot_tradeoff(table, figures_dir / "tradeoff.png")
     figures["identity vs prompt fidelity"] = f"{rel}/tradeoff.png"
+    if "ti" in table and len(table) > 1:
+        report.plot_against_ti(table, report.per_run(done), figures_dir / "against_ti.png")
+        figures["each variant against TI, paired"] = f"{rel}/against_ti.png"
     if sum(n in table for n in plan.LAMBDA_SWEEP) >= 2:
         report.plot_lambda(table, figures_dir / "lambda_sweep.png")
         figures["the λ sweep"] = f"{rel}/lambda_sweep.png"

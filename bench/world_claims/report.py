@@ -75,6 +75,20 @@ def per_run(results: list[dict]) -> dict[str, dict[tuple[int, int], dict]]:
     return out
 
 
+def difference(table, runs, a: str, b: str, metric: str) -> tuple[float, float]:
+    """(a − b, the 95 % half-width of that difference): paired over the runs both variants share when there are two
+    or more (runs: per_run), else the difference of the means with the sum of their half-widths (nan below two
+    runs each)."""
+    if runs and a in runs and b in runs:
+        shared = [k for k in runs[a] if k in runs[b]
+                  and runs[a][k][metric] is not None and runs[b][k][metric] is not None]
+        if len(shared) >= 2:
+            mean, half, _ = interval([runs[a][k][metric] - runs[b][k][metric] for k in shared])
+            return mean, half
+    (ma, ha, _), (mb, hb, _) = table[a][metric], table[b][metric]
+    return ma - mb, ha + hb
+
+
 def predictions(table, runs=None) -> list[tuple[str, str, str]]:
     """The paper's predictions, each with what was measured and whether it held (yes / no / unclear: the 95 %
     interval of the difference holds 0, or the margin). `runs` (per_run): where two variants were trained on the
@@ -86,15 +100,7 @@ def predictions(table, runs=None) -> list[tuple[str, str, str]]:
         return out
 
     def diff(a, b, metric):
-        """(a − b, the 95 % half-width of that difference); the slack is nan below two runs each."""
-        if runs and a in runs and b in runs:
-            shared = [k for k in runs[a] if k in runs[b]
-                      and runs[a][k][metric] is not None and runs[b][k][metric] is not None]
-            if len(shared) >= 2:
-                mean, half, _ = interval([runs[a][k][metric] - runs[b][k][metric] for k in shared])
-                return mean, half
-        (ma, ha, _), (mb, hb, _) = table[a][metric], table[b][metric]
-        return ma - mb, ha + hb
+        return difference(table, runs, a, b, metric)
 
     def verdict(delta, slack, want_positive=True):
         if math.isnan(slack):
@@ -273,6 +279,31 @@ def plot_tradeoff(table, path: Path) -> None:
     ax.set_xlabel("prompt fidelity (%)")
     ax.set_ylabel("identity fidelity (%)")
     ax.set_title("identity vs prompt fidelity per variant (95 % intervals)")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_against_ti(table, runs, path: Path) -> None:
+    """Each variant's identity and prompt fidelity minus TI's, paired by person and seed: the trade-off with the
+    spread between people taken out (the absolute plot's intervals are mostly that spread)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+    for name in table:
+        if name == "ti":
+            continue
+        (dp, sp), (di, si) = difference(table, runs, name, "ti", "prompt"), difference(table, runs, name, "ti",
+                                                                                       "identity")
+        ax.errorbar(100 * dp, 100 * di, xerr=None if math.isnan(sp) else 100 * sp,
+                    yerr=None if math.isnan(si) else 100 * si, fmt="o", capsize=3,
+                    color="tab:blue" if name == "sefi" else "tab:gray")
+        ax.annotate(name, (100 * dp, 100 * di), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(0, color="tab:red", lw=1)
+    ax.axvline(0, color="tab:red", lw=1)
+    ax.set_xlabel("prompt fidelity − TI's (points)")
+    ax.set_ylabel("identity fidelity − TI's (points)")
+    ax.set_title("each variant − TI (red lines: TI), paired by person and seed, 95 % intervals", fontsize=10)
     ax.grid(alpha=0.3)
     _save(fig, path)
 

@@ -50,7 +50,7 @@ def test_claims_bench_runs_two_variants_and_writes_the_report(tmp_path, host, wo
     assert report.HAND_WRITTEN in text
     # the gradient-share table has SeFi's logged step and no row for TI (no attention loss)
     assert f"| sefi | {100 * share:.1f} | 1 |" in text and "| ti |" not in text
-    for figure in ("tradeoff.png", "pictures.png", "attention_ti_vs_sefi.png"):
+    for figure in ("tradeoff.png", "against_ti.png", "pictures.png", "attention_ti_vs_sefi.png"):
         assert (tmp_path / "results" / figure).read_bytes()[:4] == b"\x89PNG", figure
 
     # a second call measures nothing new (no host is given: it would have to boot one) and keeps hand-written notes
