@@ -132,18 +132,18 @@ def predictions(table, runs=None) -> list[tuple[str, str, str]]:
 
     overfit = table["ti"]["overfit_photo"][0]
     top = lowest("overfit_photo")
+    count, held = ti_lowest("overfit_photo")
     out.append(("TI puts the least of its attention on the face (the highest overfit)",
                 f"TI {100 * overfit:.1f} % of its attention on the face; the least: "
-                + (f"{top} {100 * table[top]['overfit_photo'][0]:.1f} %" if top else "a tie")
-                + ti_lowest("overfit_photo")[0], ti_lowest("overfit_photo")[1]))
+                + (f"{top} {100 * table[top]['overfit_photo'][0]:.1f} %" if top else "a tie") + count, held))
     d, s = diff("sefi", "ti", "overfit_photo")
     dg, sg = diff("sefi", "ti", "overfit_generated")
     out.append(("SeFi's identity token keeps more of its attention on the face than TI's",
                 f"SeFi − TI on the photo = {_pm(d, s)}; on the generated pictures = {_pm(dg, sg)}", verdict(d, s)))
     low = lowest("prompt")
+    count, held = ti_lowest("prompt")
     out.append(("TI has the lowest prompt fidelity", "lowest: " + (
-        f"{low} {100 * table[low]['prompt'][0]:.1f} %" if low else "a tie") + ti_lowest("prompt")[0],
-        ti_lowest("prompt")[1]))
+        f"{low} {100 * table[low]['prompt'][0]:.1f} %" if low else "a tie") + count, held))
     d, s = diff("sefi", "ti", "identity")
     # Within the margin only when the whole interval is: a mean inside it with a wide interval proves nothing.
     out.append(("SeFi keeps identity fidelity within a few (5) points of TI",
@@ -227,9 +227,7 @@ def grad_share_table(results: list[dict]) -> list[str]:
     """Markdown lines: the attention term's share of the gradient at each logged step, per variant with an attention
     loss, mean over its runs — the evidence docs/method.md asks for when choosing λ and the reduction."""
     by_variant: dict[str, dict[int, list[float]]] = {}
-    for r in results:
-        if variant(r["variant"]).weight is None and r["variant"] != "mask":
-            continue
+    for r in results:   # a run without an attention loss logs no shares and adds no row
         for step, share in r["grad_shares"]:
             if share is not None:
                 by_variant.setdefault(r["variant"], {}).setdefault(step, []).append(share)
@@ -272,15 +270,21 @@ def plot_tradeoff(table, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
     for name, row in table.items():
         (mi, hi, _), (mp, hp, _) = row["identity"], row["prompt"]
-        ax.errorbar(100 * mp, 100 * mi, xerr=None if math.isnan(hp) else 100 * hp,
-                    yerr=None if math.isnan(hi) else 100 * hi, fmt="o", capsize=3,
-                    color="tab:red" if name == "ti" else ("tab:blue" if name == "sefi" else "tab:gray"))
-        ax.annotate(name, (100 * mp, 100 * mi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        _labelled_point(ax, name, (mp, hp), (mi, hi))
     ax.set_xlabel("prompt fidelity (%)")
     ax.set_ylabel("identity fidelity (%)")
     ax.set_title("identity vs prompt fidelity per variant (95 % intervals)")
     ax.grid(alpha=0.3)
     _save(fig, path)
+
+
+def _labelled_point(ax, name: str, x: tuple[float, float], y: tuple[float, float]) -> None:
+    """One variant as a point with its 95 % intervals (x and y: (value, half-width), fractions; drawn in %)."""
+    (vx, hx), (vy, hy) = x, y
+    ax.errorbar(100 * vx, 100 * vy, xerr=None if math.isnan(hx) else 100 * hx,
+                yerr=None if math.isnan(hy) else 100 * hy, fmt="o", capsize=3,
+                color="tab:red" if name == "ti" else ("tab:blue" if name == "sefi" else "tab:gray"))
+    ax.annotate(name, (100 * vx, 100 * vy), textcoords="offset points", xytext=(5, 4), fontsize=8)
 
 
 def plot_against_ti(table, runs, path: Path) -> None:
@@ -293,12 +297,8 @@ def plot_against_ti(table, runs, path: Path) -> None:
     for name in table:
         if name == "ti":
             continue
-        (dp, sp), (di, si) = difference(table, runs, name, "ti", "prompt"), difference(table, runs, name, "ti",
-                                                                                       "identity")
-        ax.errorbar(100 * dp, 100 * di, xerr=None if math.isnan(sp) else 100 * sp,
-                    yerr=None if math.isnan(si) else 100 * si, fmt="o", capsize=3,
-                    color="tab:blue" if name == "sefi" else "tab:gray")
-        ax.annotate(name, (100 * dp, 100 * di), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        _labelled_point(ax, name, difference(table, runs, name, "ti", "prompt"),
+                        difference(table, runs, name, "ti", "identity"))
     ax.axhline(0, color="tab:red", lw=1)
     ax.axvline(0, color="tab:red", lw=1)
     ax.set_xlabel("prompt fidelity − TI's (points)")

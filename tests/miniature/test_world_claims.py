@@ -123,9 +123,8 @@ def test_predictions_pair_runs_of_the_same_person_and_seed():
 
 
 def test_large_lambda_claim_compares_a_lambda_above_the_default_or_nothing():
-    sweep_to_default = dict(ti={}, sefi=dict(identity=0.6), no_attention={}, lambda_1e__4={})
-    held = {p: (m, v) for p, m, v in report.predictions(_table(**{k.replace("__", "-"): v
-                                                                 for k, v in sweep_to_default.items()}))}
+    sweep_to_default = {"ti": {}, "sefi": dict(identity=0.6), "no_attention": {}, "lambda_1e-4": {}}
+    held = {p: (m, v) for p, m, v in report.predictions(_table(**sweep_to_default))}
     assert "small λ overfits (less attention on the face than large λ)" in held
     assert "large λ loses the identity" not in held   # no λ above 0.003 measured yet: nothing to compare
     held = {p: (m, v) for p, m, v in report.predictions(_table(
