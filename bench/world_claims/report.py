@@ -196,7 +196,7 @@ def markdown(table, results: list[dict], command: str, figures: dict[str, str], 
         f"{_listed(steps)} training steps each, one studio "
         f"close-up per person; {sum(len(r['pictures']) for r in results)} pictures",
         f"- host: {', '.join(hosts)}; measured run time {hours:.2f} h "
-        "(the runs' own times summed, each timed on the machine that ran it, one core)",
+        "(the runs' own times summed, each timed on the machine that ran it)",
         "- scores are means over runs with 95 % t-intervals (one run = one person and one seed); identity: share of "
         "the person's wordless traits the picture shows (0 where no person is drawn); prompt: share of what the "
         "prompt asks that the picture shows; face share: the identity token's cross-attention mass inside the face "
