@@ -409,10 +409,11 @@ def run_training(
        ``precision="fp16"`` the loss is scaled before backward (:mod:`sefi_core.loss_scale`) and
        a step whose scaled gradient overflowed is skipped with the scale halved (an error only
        once the scale falls below 1);
-    6. history, ``on_progress(i + 1, steps, loss, parts)``, checkpoint every
-       ``checkpoint_every`` steps.
+    6. history, the checkpoint (every ``checkpoint_every`` steps and at the last step), then
+       ``on_progress(i + 1, steps, loss, parts)``: whatever ``on_progress`` does (sample renders, snapshots) comes
+       after the step is safe on disk, so its failure or a Cancel inside it never loses a trained step.
 
-    A final checkpoint is saved at the end. ``save_checkpoint`` receives a
+    A final checkpoint is saved at the end (written before the last step's ``on_progress``). ``save_checkpoint`` receives a
     :class:`TrainState` of CPU copies; typically ``lambda s: save_train_state(s, path)``.
 
     ``interrupts``: exception types that mean "the user cancelled" (the host's interrupt). Hosts
@@ -494,11 +495,17 @@ def run_training(
     if pending is not None:
         optimizer.found_inf = pending.skip  # read by the fused AdamW: a set flag leaves the update out on the device
 
-    def settle(notify: bool = True) -> None:
-        """Read back the pending steps: history, then on_progress; raise for the first non-finite one."""
+    def notify(done: list) -> None:
+        if on_progress is not None:
+            for s in done:
+                on_progress(s.step, settings.steps, s.loss, dict(s.parts))
+
+    def settle(quiet: bool = False) -> list:
+        """Read back the pending steps into the history and return them; for the first non-finite one, raise (after
+        on_progress of the steps before it, unless quiet)."""
         nonlocal step
         if not pending:
-            return
+            return []
         settled = pending.read()
         bad = next((s for s in settled if not s.finite), None)
         good = settled if bad is None else [s for s in settled if s.step < bad.step]
@@ -506,16 +513,15 @@ def run_training(
             s.parts["grad_norm"] = s.grad_norm
             history.append(s.loss)
             parts_history.append(s.parts)
-        if bad is not None:
-            step = bad.step - 1  # the flag kept this and every later update off the parameters
-            optimizer.zero_grad(set_to_none=True)
-        if notify and on_progress is not None:
-            for s in good:
-                on_progress(s.step, settings.steps, s.loss, dict(s.parts))
-        if bad is not None:
-            what = ("the loss is not finite" if not math.isfinite(bad.loss)
-                    else f"the gradient norm is {bad.grad_norm}")
-            raise TrainingDivergedError(bad.step, settings.steps, bad.loss, bad.parts, what, settings, last_saved)
+        if bad is None:
+            return good
+        step = bad.step - 1  # the flag kept this and every later update off the parameters
+        optimizer.zero_grad(set_to_none=True)
+        if not quiet:
+            notify(good)
+        what = ("the loss is not finite" if not math.isfinite(bad.loss)
+                else f"the gradient norm is {bad.grad_norm}")
+        raise TrainingDivergedError(bad.step, settings.steps, bad.loss, bad.parts, what, settings, last_saved)
 
     def checkpoint() -> TrainState:
         nonlocal last_saved
@@ -539,8 +545,10 @@ def run_training(
         with torch.random.fork_rng(devices=cuda_devices):
             while step < settings.steps:
                 if should_stop is not None and should_stop():
-                    settle()
-                    return TrainResult(checkpoint(), interrupted=True)
+                    done = settle()
+                    state = checkpoint()
+                    notify(done)
+                    return TrainResult(state, interrupted=True)
                 torch.manual_seed(step_seed(settings.seed, step, "global"))
                 rng = torch.Generator(device="cpu")
                 rng.manual_seed(step_seed(settings.seed, step, "data"))
@@ -590,24 +598,32 @@ def run_training(
                         optimizer.step()
 
                 step += 1
-                due = bool(save_checkpoint is not None and settings.checkpoint_every
-                           and step % settings.checkpoint_every == 0)
+                # the last step's checkpoint too is written before on_progress: what on_progress does (sample
+                # renders, snapshots, a preview) may fail or be cancelled, and must never cost a trained step
+                due = bool(save_checkpoint is not None and (step == settings.steps or (
+                    settings.checkpoint_every and step % settings.checkpoint_every == 0)))
+                done: list = []
                 if pending is None:
                     parts["grad_norm"] = grad_norm
                     history.append(loss_value)
                     parts_history.append(parts)
-                    if on_progress is not None:
-                        on_progress(step, settings.steps, loss_value, dict(parts))
                 elif (len(pending) >= sync_every or due or step == settings.steps
                       or (settle_at is not None and settle_at(step))):
-                    settle()
+                    done = settle()
                 if due:
                     checkpoint()
-            settle()
-            return TrainResult(checkpoint(), interrupted=False)
+                if pending is None:
+                    if on_progress is not None:
+                        on_progress(step, settings.steps, loss_value, dict(parts))
+                else:
+                    notify(done)
+            done = settle()
+            state = checkpoint()
+            notify(done)
+            return TrainResult(state, interrupted=False)
     except interrupts:
         try:
-            settle(notify=False)  # the steps already done belong in the checkpoint
+            settle(quiet=True)  # the steps already done belong in the checkpoint
         except TrainingDivergedError:
             pass  # settle() rewound to the last good step; the resumed run meets the error itself
         checkpoint()

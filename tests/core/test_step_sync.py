@@ -193,3 +193,24 @@ def test_settle_at_steps_reach_on_progress_with_the_generator_of_that_step() -> 
                  settle_at=lambda step: step in (3, 6))
     assert _same_tensors(seen[3], reference[3]) and _same_tensors(seen[6], reference[6])
     assert not _same_tensors(seen[1], reference[1])  # without settle_at a step reaches on_progress later
+
+
+@pytest.mark.parametrize("mode", [{}, DEFERRED], ids=["step_by_step", "read_back_together"])
+def test_a_steps_checkpoint_is_written_before_its_on_progress(mode, tmp_path: Path) -> None:
+    """on_progress runs the optional work (sample renders, snapshots): its failure must never cost a trained step.
+    A step whose checkpoint is due (every 5 steps, and the last) is on disk before on_progress of that step runs;
+    an error there then leaves the checkpoint of that very step (checkpoint_every 0: the last step is still saved)."""
+    events: list[tuple[str, int]] = []
+    run_training(_generator(), Toy("reference"), _settings(steps=7, checkpoint_every=5),
+                 save_checkpoint=lambda s: events.append(("saved", s.step)),
+                 on_progress=lambda step, total, loss, parts: events.append(("progress", step)), **mode)
+    assert [e for e in events if e[1] in (5, 7)] == [("saved", 5), ("progress", 5), ("saved", 7), ("progress", 7)]
+    ckpt = tmp_path / "c.safetensors"
+
+    def out_of_memory(step, total, loss, parts):
+        if step == 3:
+            raise RuntimeError("CUDA out of memory (a sample render)")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_training(_generator(), Toy("reference"), _settings(steps=3, checkpoint_every=0),
+                     save_checkpoint=lambda s: save_train_state(s, ckpt), on_progress=out_of_memory, **mode)
+    assert load_train_state(ckpt).step == 3
