@@ -207,11 +207,15 @@ def compare_with_checkpoint(now: list[dict], before: list[dict], allow_multiple_
                          f"Resume with photos of that person, or start a new run for this one (resume_from empty, "
                          f"another name); to train them into one identity anyway, set allow_multiple_people to true")
     added, dropped = [h for h in new if h not in old], [h for h in old if h not in new]
+    # one verdict for the new photos, in one line: another person (allowed) / some not comparable / the same person
+    verdicts = []
     if others:
-        log.warning("[SeFi] %s: resuming %s with photos of another person (%s), as allow_multiple_people asks",
-                    name, resume_from, ", ".join(others))
-    log.info("[SeFi] %s: resuming %s with other photos: %d new, %d of the checkpoint's no longer given%s", name,
-             resume_from, len(added), len(dropped),
-             f"; images {', '.join(map(str, unknown))} could not be compared with its person (no face descriptor)"
-             if unknown else "; they show the same person")
+        verdicts.append(f"photos of another person ({', '.join(others)}), as allow_multiple_people asks")
+    if unknown:
+        verdicts.append(f"images {', '.join(map(str, unknown))} could not be compared with its person (no face "
+                        f"descriptor)")
+    verdict = "; ".join(verdicts) if verdicts else "they show the same person"
+    (log.warning if others else log.info)(
+        "[SeFi] %s: resuming %s with other photos: %d new, %d of the checkpoint's no longer given; %s", name,
+        resume_from, len(added), len(dropped), verdict)
     return every, {"checkpoint": old, "now": new}

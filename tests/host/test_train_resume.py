@@ -33,7 +33,10 @@ def test_resume_with_another_persons_photos_is_refused(host, sd15, pack, obama, 
     with caplog.at_level(logging.INFO, logger="sefi"):
         identity = _train(host, sd15, biden, name="other", resume_from="imgchg", steps=3, overwrite=True,
                           allow_multiple_people=True, keep_checkpoint=True)[0]
-    assert "resuming imgchg with photos of another person (image 0" in caplog.text
+    # one verdict: another person, never "the same person" beside it
+    assert "resuming imgchg with other photos: 1 new, 1 of the checkpoint's no longer given; photos of another " \
+           "person (image 0" in caplog.text
+    assert "the same person" not in caplog.text
     old, new = _photo_hash(pack, obama), _photo_hash(pack, biden)
     assert identity.image_hashes == (old, new)
     assert identity.training["changed_on_resume"]["photos"] == {"checkpoint": [old], "now": [new]}
