@@ -7,6 +7,7 @@ models/sefi_identities/<name>.safetensors (the identity) and models/sefi_identit
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -20,10 +21,10 @@ from .identity import CATEGORY, IDENTITY
 from .prompt_encoding import embedding_norms
 from .sampling_support import check_model_sampling
 from .sample_renders import SampleSpec, render_samples, sample_prompts
-from .snapshots import existing_snapshots, remove_snapshots
+from .snapshots import STAGING_SUFFIX, RunSnapshots, existing_snapshots, new_run_id
 from .train_options import NODE_NAME as OPTIONS_NODE_NAME
 from .train_options import TRAINING_OPTIONS, SeFiTrainingOptions, training_options
-from .training_watch import PREVIEW_EVERY, TrainingWatch, WatchSettings
+from .training_watch import PREVIEW_EVERY, SAMPLES_FOLDER, TrainingWatch, WatchFailedError, WatchSettings
 from .train_policies import (CHECKPOINT_SUFFIX, PARAMETRISATIONS, check_name, check_resume_structure,
                              checkpoint_dir, identity_dir, load_checkpoint, log_resume_changes,
                              remove_stale_temp_files, resolve_checkpoint)
@@ -53,7 +54,7 @@ WIDGETS = ("name", "trigger", "initializer", "steps", "learning_rate", "stages",
            "parametrisation", "kv_split", "attention_loss", "attention_weight", "loss_sites", "masked_diffusion_loss",
            "prompt_templates", "flip_augmentation", "scale_augmentation", "seed", "resolution", "batch_size",
            "checkpoint_every", "resume_from", "overwrite", "precision", "gradient_checkpointing", "keep_checkpoint",
-           "allow_multiple_people", "compile_unet")
+           "allow_multiple_people", "compile_unet", "stop_on_watch_failure")
 """The node's single-value inputs, in the order train() unpacks them (INPUT_IS_LIST hands each over as a list)."""
 
 
@@ -144,10 +145,11 @@ class SeFiTrainIdentity:
         watched = checked_inputs(SeFiTrainIdentity, NODE_NAME, dict(
             preview_every=preview_every, sample_prompt=sample_prompt, sample_every=sample_every,
             save_every=save_every, trigger=trigger))
-        preview_every, sample_prompt, sample_every, save_every, trigger_word = (_one(watched[k]) for k in (
-            "preview_every", "sample_prompt", "sample_every", "save_every", "trigger"))
-        watch = WatchSettings(int(preview_every), sample_prompts(str(sample_prompt), str(trigger_word)),
-                              int(sample_every), int(save_every))
+        preview_every, sample_every, save_every, trigger_word = (_one(watched[k]) for k in (
+            "preview_every", "sample_every", "save_every", "trigger"))
+        prompts = watched["sample_prompt"]  # a list of prompts wired in: every one of them, not only the first
+        prompts = "\n".join(str(p) for p in (prompts if isinstance(prompts, list) else [prompts]))
+        watch = WatchSettings(preview_every, sample_prompts(prompts, str(trigger_word)), sample_every, save_every)
         return self._train(model, clip, vae, images, name, trigger, initializer, steps, learning_rate,
                            resolution=resolution, mask=mask, watch=watch, **chosen)
 
@@ -157,7 +159,7 @@ class SeFiTrainIdentity:
                masked_diffusion_loss=False, prompt_templates="a photo of the face of {}", flip_augmentation=False,
                scale_augmentation=False, seed=0, resolution=512, batch_size=1, checkpoint_every=100,
                resume_from="", overwrite=False, precision="auto", gradient_checkpointing=False, mask=None,
-               keep_checkpoint=False, allow_multiple_people=False, compile_unet=False,
+               keep_checkpoint=False, allow_multiple_people=False, compile_unet=False, stop_on_watch_failure=False,
                watch: WatchSettings = WatchSettings()):
         checked = checked_inputs(SeFiTrainIdentity, NODE_NAME, {key: value for key, value in locals().items()
                                                                if key not in ("self", "watch", *HOST_OBJECTS)})
@@ -165,8 +167,9 @@ class SeFiTrainIdentity:
         (name, trigger, initializer, steps, learning_rate, stages, vectors_per_token, parametrisation, kv_split,
          attention_loss, attention_weight, loss_sites, masked_diffusion_loss, prompt_templates,
          flip_augmentation, scale_augmentation, seed, resolution, batch_size, checkpoint_every, resume_from,
-         overwrite, precision, gradient_checkpointing, keep_checkpoint, allow_multiple_people, compile_unet) = (
-            _one(checked[key]) for key in WIDGETS)
+         overwrite, precision, gradient_checkpointing, keep_checkpoint, allow_multiple_people, compile_unet,
+         stop_on_watch_failure) = (_one(checked[key]) for key in WIDGETS)
+        watch = dataclasses.replace(watch, stop_on_failure=bool(stop_on_watch_failure))
         model, clip, vae = _one(model), _one(clip), _one(vae)
         name = check_name(name)  # names, files and resume_from are checked before the model is touched
         out_path = identity_dir() / f"{name}.safetensors"
@@ -207,6 +210,14 @@ class SeFiTrainIdentity:
                 start_state = load_checkpoint(resume_path, resume_from)
             check_resume_structure(start_state, kind, int(stages), int(vectors_per_token), bool(kv_split),
                                    resume_from)
+        run_id = start_state.run_id if start_state is not None and start_state.run_id else new_run_id()
+        run_snapshots = RunSnapshots(identity_dir(), checkpoint_dir() / f"{name}{STAGING_SUFFIX}", name, run_id)
+        foreign = run_snapshots.foreign() if start_state is not None and not overwrite else {}
+        if foreign:
+            shown = ", ".join(p.name for p in list(foreign.values())[:3])
+            raise FileExistsError(f"step snapshots named '{name}' that this checkpoint's run did not write exist "
+                                  f"({shown}{' …' if len(foreign) > 3 else ''}); set overwrite to true to replace "
+                                  f"them once this run succeeds, move them away, or pick another name")
 
         pics = _image_list(images)
         mlist = None
@@ -230,8 +241,7 @@ class SeFiTrainIdentity:
         if compile_unet:
             check_compile_available(model.load_device)
 
-        if resume_path is None and overwrite:
-            remove_snapshots(identity_dir(), name)
+        run_snapshots.begin(start_state.step if start_state is not None else None)
         device = host.torch_device()
         with training_context(model, clip, precision) as dtype:
             settings.precision = DTYPE_NAMES[dtype]
@@ -257,7 +267,7 @@ class SeFiTrainIdentity:
                                             kv_split=bool(kv_split), seed=int(seed))
             generator.to(model.load_device)
             watcher = self._watcher(watch, settings, name, generator, encoder, trigger, settings.initializer, kind,
-                                    photos, norms, (model, clip, vae), start_state)
+                                    photos, norms, (model, clip, vae), start_state, run_snapshots)
             started = time.perf_counter()
             with step_fn.unet.compiled(bool(compile_unet)) as compiled_blocks, \
                     step_fn.unet.checkpointing(bool(gradient_checkpointing)):
@@ -265,43 +275,61 @@ class SeFiTrainIdentity:
                     log.info("[SeFi] %s: compiling %d U-Net blocks (mode %s); the first step waits for it", name,
                              compiled_blocks, compile_mode(model.load_device))
                 result = self._run(generator, step_fn, settings, start_state, ckpt_path, name, photos, norms,
-                                   resume_from, watcher)
+                                   resume_from, watcher, run_id)
+                watcher.finish(result.steps_done, settings.steps)
             watcher.report(time.perf_counter() - started)
             peak = peak_memory_bytes(device)
             generator.eval()
             with torch.no_grad():
                 live = {k: v.detach().float() for k, v in generator().items()}
                 tokens = {k: v.cpu() for k, v in live.items()}
-                maps = attention_picture(step_fn, live, pixels, int(seed))
-
-        log.info("[SeFi] %s: peak memory %.1f MiB (%s, compute %s)", name, peak / 2**20, device, dtype)
-        training = settings.to_dict()
-        training.update(parametrisation=kind, generator=generator.config(), steps_done=result.steps_done,
-                        final_loss=result.loss_history[-1] if result.loss_history else None,
-                        peak_memory_bytes=peak, device=str(device), host=host.DISTRIBUTION,
-                        initializer=initializer, gradient_checkpointing=bool(gradient_checkpointing),
-                        compile_unet=bool(compile_unet))
-        if start_state is not None:
-            training.update(resumed_at_step=int(start_state.step), changed_on_resume=changed)
-        identity = Identity(encoder.family, tokens, trigger, initializer, training,
-                            tuple(r["sha256"] for r in photos), norms)
-        if out_path.exists() and not overwrite:
-            raise FileExistsError(f"an identity named '{name}' appeared while training ({out_path}); the "
-                                  f"checkpoint {ckpt_path} holds the result; resume it under another name")
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        save_identity(identity, out_path)
-        if not keep_checkpoint and ckpt_path.exists():
-            ckpt_path.unlink()
-            log.info("[SeFi] %s: identity saved; deleted its training checkpoint %s (keep_checkpoint=true keeps "
-                     "it)", name, ckpt_path)
+            log.info("[SeFi] %s: peak memory %s (%s, compute %s)", name, "not measurable here" if peak is None
+                     else f"{peak / 2**20:.1f} MiB", device, dtype)
+            training = settings.to_dict()
+            training.update(parametrisation=kind, generator=generator.config(), steps_done=result.steps_done,
+                            final_loss=result.loss_history[-1] if result.loss_history else None,
+                            peak_memory_bytes=peak, device=str(device), host=host.DISTRIBUTION,
+                            initializer=initializer, gradient_checkpointing=bool(gradient_checkpointing),
+                            compile_unet=bool(compile_unet), run_id=run_id)
+            if watcher.failures:
+                training.update(watch_failures=list(watcher.failures))
+            if start_state is not None:
+                training.update(resumed_at_step=int(start_state.step), changed_on_resume=changed)
+            identity = Identity(encoder.family, tokens, trigger, initializer, training,
+                                tuple(r["sha256"] for r in photos), norms)
+            if out_path.exists() and not overwrite:
+                raise FileExistsError(f"an identity named '{name}' appeared while training ({out_path}); the "
+                                      f"checkpoint {ckpt_path} holds the result; resume it under another name")
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            save_identity(identity, out_path)
+            if not keep_checkpoint and ckpt_path.exists():
+                ckpt_path.unlink()
+                log.info("[SeFi] %s: identity saved; deleted its training checkpoint %s (keep_checkpoint=true "
+                         "keeps it)", name, ckpt_path)
+            run_snapshots.finish()  # the run succeeded: an earlier run's snapshots give way to its own
+            maps = self._attention_maps(step_fn, live, pixels, int(seed), name)
         picture = render_loss_curve(result.loss_history, shares=term_shares(result.state.parts_history))
         curve = torch.from_numpy(picture.astype(np.float32) / 255.0)[None]
         return identity, curve, out_path.name, watcher.samples(settings.resolution), maps
 
     @staticmethod
+    def _attention_maps(step_fn, live, pixels, seed: int, name: str) -> torch.Tensor:
+        """The attention-map picture, made after the identity is saved: a failure here (e.g. out of memory) costs
+        the picture (a black frame, logged), never the identity."""
+        try:
+            with torch.no_grad():
+                return attention_picture(step_fn, live, pixels, seed)
+        except host.InterruptProcessingException:
+            raise
+        except Exception as e:
+            log.warning("[SeFi] %s: the identity is saved, but its attention-map picture failed (%s: %s); the "
+                        "attention_maps output is a black frame", name, type(e).__name__, e)
+            return torch.zeros(1, 64, 64, 3)
+
+    @staticmethod
     def _watcher(watch: WatchSettings, settings: TrainSettings, name: str, generator, encoder, trigger: str,
                  initializer: str, kind: str, photos: list[dict], norms: dict[str, float], models,
-                 start_state) -> TrainingWatch:
+                 start_state, run_snapshots: RunSnapshots) -> TrainingWatch:
         """The run's TrainingWatch: its progress bar, snapshots of the generator as it is, sample renders."""
         model, clip, vae = models
 
@@ -312,7 +340,8 @@ class SeFiTrainIdentity:
                     tokens = {k: v.detach().float().cpu() for k, v in generator().items()}
             finally:
                 generator.train()
-            training = {**settings.to_dict(), "parametrisation": kind, "steps_done": step, "snapshot_of": name}
+            training = {**settings.to_dict(), "parametrisation": kind, "steps_done": step, "snapshot_of": name,
+                        "run_id": run_snapshots.run_id}
             try:
                 return Identity(encoder.family, tokens, trigger, initializer, training,
                                 tuple(r["sha256"] for r in photos), norms)
@@ -328,10 +357,13 @@ class SeFiTrainIdentity:
             bar.update(int(start_state.step))
         history = start_state.loss_history if start_state is not None else ()
         parts = start_state.parts_history if start_state is not None else ()
-        return TrainingWatch(watch, bar, name, identity_dir(), current_identity, render, history, parts)
+        samples_at = Path(host.folder_paths.get_output_directory()) / SAMPLES_FOLDER / name / run_snapshots.run_id
+        return TrainingWatch(watch, bar, name, run_snapshots if watch.save_every else None, current_identity, render,
+                             history, parts, sample_folder=samples_at,
+                             resumed_at=start_state.step if start_state is not None else None)
 
     def _run(self, generator, step_fn, settings, start_state, ckpt_path: Path, name: str, photos: list[dict],
-             norms: dict[str, float], resume_from: str, watch: TrainingWatch):
+             norms: dict[str, float], resume_from: str, watch: TrainingWatch, run_id: str):
         total = settings.steps
         saved_step = [start_state.step if start_state is not None else None]
         t0 = time.monotonic()
@@ -351,7 +383,7 @@ class SeFiTrainIdentity:
 
         def save(state):
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            state.photos = photos
+            state.photos, state.run_id = photos, run_id
             save_train_state(state, ckpt_path)
             saved_step[0] = state.step
 
@@ -359,10 +391,13 @@ class SeFiTrainIdentity:
             # run_training checkpoints the last completed step whichever host call raises the interrupt
             return run_training(generator, step_fn, settings, start_state=start_state, on_progress=on_progress,
                                 should_stop=should_stop, save_checkpoint=save,
-                                interrupts=(host.InterruptProcessingException,), token_norms=norms,
+                                interrupts=(host.InterruptProcessingException, WatchFailedError), token_norms=norms,
                                 settle_at=watch.needs_parameters_at)
         except TokenScaleError as e:  # the checkpoint resume_from names holds tokens that had blown up
             raise ValueError(f"resume_from={resume_from}: {e}") from e
+        except WatchFailedError as e:  # run_training wrote the step's checkpoint first
+            raise WatchFailedError(f"{e}; the checkpoint {ckpt_path} holds step {saved_step[0]}: set resume_from="
+                                   f"{name} to continue") from e
         except host.InterruptProcessingException:
             log.info("[SeFi] %s: interrupted at step %s/%d, checkpoint %s (to continue: resume_from=%s)", name,
                      saved_step[0], total, ckpt_path, name)

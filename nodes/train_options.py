@@ -72,6 +72,11 @@ OPTION_INPUTS: Mapping[str, tuple] = MappingProxyType({
                                  "GPU). The first step compiles (a minute or more; cached on disk for the next run), "
                                  "later steps are faster. Same result within rounding. Needs Triton on a GPU, a C++ "
                                  "compiler on the CPU."}),
+    "stop_on_watch_failure": ("BOOLEAN", {"default": False, "tooltip": "What a failed sample render, snapshot or "
+                                          "preview (e.g. out of GPU memory while sampling) does: off = it is logged, "
+                                          "shown on the node's preview and recorded in the identity, and training "
+                                          "goes on; on = the run stops there with that step's checkpoint written "
+                                          "(resume_from continues it)."}),
 })
 """The options in widget order: from the first release on, new ones are only appended (saved workflows keep their
 widget values by position)."""

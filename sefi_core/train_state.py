@@ -38,6 +38,10 @@ class TrainState:
     photos: list[dict[str, Any]] = field(default_factory=list)
     """What the run has trained on, as the glue records it (JSON values: per photo its sha256 and its face's
     identity descriptor), so that a resumed run can be compared with it. Empty in checkpoints that predate it."""
+    run_id: str | None = None
+    """Which run this is, as the glue names it: a resumed run keeps it, and the run's other files (step snapshots,
+    sample renders, the identity) carry it, so they can be told from another run's of the same name. None in
+    checkpoints that predate it."""
 
 
 class TrainStateFileError(ValueError):
@@ -86,6 +90,8 @@ def _state_to_file_parts(state: TrainState) -> tuple[dict[str, Tensor], dict[str
         "sefi.loss_scale": json.dumps(state.loss_scale),
         "sefi.photos": json.dumps(state.photos),
     }
+    if state.run_id is not None:
+        metadata["sefi.run_id"] = str(state.run_id)
     return tensors, metadata
 
 
@@ -102,7 +108,7 @@ def save_train_state(state: TrainState, path: str | os.PathLike[str]) -> Path:
 
     Layout: tensors ``generator/<state_dict key>`` and ``optimizer/state/<param index>/<name>``
     (Adam's ``exp_avg``, ``exp_avg_sq``, ``step``); everything else (step, histories,
-    settings, generator config, param groups, non-tensor optimiser values, photos) as JSON strings in
+    settings, generator config, param groups, non-tensor optimiser values, photos, run id) as JSON strings in
     the safetensors metadata under ``sefi.*``.
     """
     tensors, metadata = _state_to_file_parts(state)
@@ -151,6 +157,7 @@ def load_train_state(path: str | os.PathLike[str]) -> TrainState:
             parts_history=json.loads(metadata.get("sefi.parts_history", "[]")),
             loss_scale=json.loads(metadata.get("sefi.loss_scale", "null")),
             photos=json.loads(metadata.get("sefi.photos", "[]")),
+            run_id=metadata.get("sefi.run_id"),
         )
     except (KeyError, ValueError) as e:
         raise TrainStateFileError(f"{p.name} is a damaged SeFi training checkpoint ({e!r})") from e

@@ -43,12 +43,14 @@ def _fit_height(picture: np.ndarray, height: int) -> np.ndarray:
 
 
 def render_watch_picture(history: Sequence[float], shares: Sequence[tuple[int, float]], step: int, total: int,
-                         sample: np.ndarray | None = None, sample_step: int | None = None) -> np.ndarray:
+                         sample: np.ndarray | None = None, sample_step: int | None = None,
+                         note: str | None = None) -> np.ndarray:
     """uint8 [256, 512 (+ sample width), 3]: the loss curve titled with the step reached, and `sample` (the latest
-    sample render or grid, float 0..1 or uint8 [H, W, 3]) to its right, labelled with the step it was rendered at."""
+    sample render or grid, float 0..1 or uint8 [H, W, 3]) to its right, labelled with the step it was rendered at.
+    `note` (e.g. that a sample render failed) ends the title."""
     width, height = CURVE_SIZE
     title = f"step {step}/{total}" + (f"  |  sample: step {sample_step}" if sample is not None and sample_step
-                                      else "")
+                                      else "") + (f"  |  {note}" if note else "")
     curve = render_loss_curve(history, width, height, title=title, shares=shares)
     if sample is None:
         return curve

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
-import resource
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -234,15 +234,42 @@ def unet_compute_dtype(model, dtype: torch.dtype):
             inner.manual_cast_dtype = old_cast
 
 
-def peak_memory_bytes(device) -> int:
+PROC_STATUS = Path("/proc/self/status")
+PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def peak_memory_bytes(device) -> int | None:
+    """This run's peak since reset_peak_memory: on CUDA the tensors' peak; on the CPU the process's peak resident
+    memory (Linux's VmHWM, which reset_peak_memory set back to the memory in use then). None where no per-run peak
+    can be had (the CPU on other systems, or a kernel refusing the reset): getrusage's ru_maxrss is the process's
+    lifetime maximum, which after one large run would be recorded for every later identity."""
     if getattr(device, "type", "") == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    if not _cpu_peak_reset[0]:
+        return None
+    try:
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+_cpu_peak_reset = [False]
 
 
 def reset_peak_memory(device) -> None:
+    """Start this run's peak: CUDA's peak statistics, or on Linux the process's resident-memory high-water mark
+    (writing 5 to /proc/self/clear_refs, Linux >= 4.0)."""
     if getattr(device, "type", "") == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        PROC_CLEAR_REFS.write_text("5")
+        _cpu_peak_reset[0] = True
+    except OSError:
+        _cpu_peak_reset[0] = False
 
 
 @contextlib.contextmanager

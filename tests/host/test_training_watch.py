@@ -130,8 +130,8 @@ def test_attention_picture_maps_are_the_maps_the_loss_used_at_that_step(host, sd
     assert picture.shape == (1, 192 + 14, 3 * 192, 3) and 0 <= float(picture.min()) <= float(picture.max()) <= 1
 
 
-def test_watch_sends_previews_through_the_hosts_progress_hook_and_writes_snapshots_once(host, pack, tmp_path):
-    tw, hostmod = pack.glue("training_watch"), pack.glue("host")
+def test_watch_sends_previews_through_the_hosts_progress_hook_and_writes_snapshots(host, pack, tmp_path):
+    tw, hostmod, sn = pack.glue("training_watch"), pack.glue("host"), pack.glue("snapshots")
     identity = _identity(pack)
     samples = torch.rand(2, RES, RES, 3)
     asked = []
@@ -142,8 +142,9 @@ def test_watch_sends_previews_through_the_hosts_progress_hook_and_writes_snapsho
 
     def run(steps, start=0, **settings):
         with progress_messages(hostmod) as seen:  # upstream's bar takes the hook in force when it is made
-            watch = tw.TrainingWatch(tw.WatchSettings(**settings), hostmod.progress_bar(steps), "w", tmp_path,
-                                     current, lambda ident: samples, history=[1.0] * start)
+            watch = tw.TrainingWatch(tw.WatchSettings(**settings), hostmod.progress_bar(steps), "w",
+                                     sn.RunSnapshots(tmp_path, tmp_path / "staged", "w", "run1"), current,
+                                     lambda ident: samples, history=[1.0] * start)
             for step in range(start + 1, steps + 1):
                 watch.on_step(step, steps, 1.0 / step, {"grad_share_attention": 0.1} if step % 5 == 0 else {})
         return watch, seen
@@ -169,12 +170,12 @@ def test_watch_sends_previews_through_the_hosts_progress_hook_and_writes_snapsho
     stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     os.utime(tmp_path / "w@6.safetensors", ns=(1, 1))
     asked.clear()
-    run(9, start=5, preview_every=0, save_every=3)  # a resumed run reaches step 6 again: not rewritten
-    assert asked == [6, 9] and (tmp_path / "w@6.safetensors").stat().st_mtime_ns == 1
+    run(9, start=5, preview_every=0, save_every=3)  # a resumed run trains step 6 again: its snapshot is rewritten
+    assert asked == [6, 9] and (tmp_path / "w@6.safetensors").stat().st_mtime_ns != 1
     assert (tmp_path / "w@3.safetensors").stat().st_mtime_ns == stamps["w@3.safetensors"]
     assert (tmp_path / "w@9.safetensors").is_file()
     assert watch.samples(RES).shape == (1, 2 * RES, 2 * RES, 3)
-    assert tw.TrainingWatch(tw.WatchSettings(), None, "x", tmp_path, current, None).samples(RES).shape == (
+    assert tw.TrainingWatch(tw.WatchSettings(), None, "x", None, current, None).samples(RES).shape == (
         1, RES, RES, 3)
 
 
@@ -205,8 +206,10 @@ def test_trainer_node_watch_outputs_and_defaults(host, sd15, pack, face_photo):
         watched = _node(host, sd15, photo, options=defaults, preview_every=3, sample_prompt="a photo of sks person",
                         sample_every=2, save_every=2)
     assert torch.equal(watched[0].tokens["clip_l"], plain[0].tokens["clip_l"])
-    assert {k: v for k, v in watched[0].training.items() if k not in ("peak_memory_bytes",)} == {
-        k: v for k, v in plain[0].training.items() if k not in ("peak_memory_bytes",)}
+    per_run = ("peak_memory_bytes", "run_id")
+    assert {k: v for k, v in watched[0].training.items() if k not in per_run} == {
+        k: v for k, v in plain[0].training.items() if k not in per_run}
+    assert watched[0].training["run_id"] != plain[0].training["run_id"]
     # the bar reaches a sampling step before its samples render, then the preview shows them
     assert [v for v, _, _ in seen] == [1, 2, 2, 3, 4, 4]
     wide = (512 + 256, 256)  # one sample prompt beside the curve
@@ -214,7 +217,7 @@ def test_trainer_node_watch_outputs_and_defaults(host, sd15, pack, face_photo):
     assert sorted(p.name for p in folder.glob("watch@*")) == ["watch@2.safetensors", "watch@4.safetensors"]
     snapshot = pack.core("identity").load_identity(folder / "watch@4.safetensors")
     assert torch.equal(snapshot.tokens["clip_l"], watched[0].tokens["clip_l"])
-    assert snapshot.training["steps_done"] == 4
+    assert snapshot.training["steps_done"] == 4 and snapshot.training["run_id"] == watched[0].training["run_id"]
     identity, curve, file_name, samples, maps = watched
     assert samples.shape == (1, 2 * RES, RES, 3) and curve.shape[0] == maps.shape[0] == 1
     model, clip, vae = sd15
