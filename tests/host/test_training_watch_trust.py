@@ -155,31 +155,31 @@ def test_overwrite_keeps_the_earlier_runs_snapshots_until_the_new_run_succeeds(h
     another run's snapshots is refused before any work."""
     train, hostmod, sn = pack.glue("train"), pack.glue("host"), pack.glue("snapshots")
     folder = train.identity_dir()
-    first = _node(host, sd15, photo, name="runs", **{**FAST, "steps": 2}, save_every=1)[0]
+    first = _node(host, sd15, photo, name="runs", **{**FAST, "steps": 1}, save_every=1)[0]
     earlier = {p.name: p.stat().st_mtime_ns for p in folder.glob("runs@*")}
-    assert sorted(earlier) == ["runs@1.safetensors", "runs@2.safetensors"]
+    assert sorted(earlier) == ["runs@1.safetensors"]
     assert all(sn.run_of(folder / n) == first.training["run_id"] for n in earlier)
 
     def cancel(step, total, loss, parts):
-        if step == 2:
+        if step == 1:
             hostmod.interrupt_current_processing(True)
     train.PROGRESS_HOOKS.append(cancel)
     try:
         with pytest.raises(hostmod.InterruptProcessingException):
-            _node(host, sd15, photo, name="runs", **{**FAST, "steps": 3}, save_every=1)
+            _node(host, sd15, photo, name="runs", **{**FAST, "steps": 2}, save_every=1)
     finally:
         train.PROGRESS_HOOKS.remove(cancel)
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("runs@*")} == earlier
     aside = (folder / "runs.safetensors").rename(folder / "runs.aside")  # so only the snapshots stand in the way
     with pytest.raises(FileExistsError, match="snapshots named 'runs' that this checkpoint's run did not write"):
         host.run("SeFiTrainIdentity", model=None, clip=None, vae=None, images=photo,
-                 **{**NODE_ARGS, **FAST, "name": "runs", "resume_from": "runs", "steps": 3, "overwrite": False})
+                 **{**NODE_ARGS, **FAST, "name": "runs", "resume_from": "runs", "steps": 2, "overwrite": False})
     aside.rename(folder / "runs.safetensors")
-    resumed = _node(host, sd15, photo, name="runs", resume_from="runs", **{**FAST, "steps": 3}, save_every=1)[0]
+    resumed = _node(host, sd15, photo, name="runs", resume_from="runs", **{**FAST, "steps": 2}, save_every=1)[0]
     run_id = resumed.training["run_id"]
     assert run_id != first.training["run_id"]
     assert {p.name: sn.run_of(p) for p in folder.glob("runs@*")} == {f"runs@{s}.safetensors": run_id
-                                                                     for s in (1, 2, 3)}
+                                                                     for s in (1, 2)}
     assert pack.core("identity").load_identity(folder / "runs.safetensors").training["run_id"] == run_id
 
 
@@ -231,8 +231,8 @@ def test_watch_inputs_do_what_they_say(host, pack, tmp_path, monkeypatch):
 
 
 def test_a_resumed_runs_samples_keep_the_earlier_rows_and_the_final_tokens(host, sd15, pack, photo, monkeypatch):
-    """Cancel in the last sampling point (step 4 of 4): the checkpoint holds step 4. The resumed run trains no step,
-    yet its samples output holds the earlier row (step 2, from disk) and the final tokens' row — not a black
+    """Cancel in the last sampling point (step 2 of 2): the checkpoint holds step 2. The resumed run trains no step,
+    yet its samples output holds the earlier row (step 1, from disk) and the final tokens' row — not a black
     frame. A fast stand-in sampler keeps the test short; render_samples' equality with a KSampler graph is tested in
     test_training_watch."""
     train, hostmod = pack.glue("train"), pack.glue("host")
@@ -241,22 +241,22 @@ def test_a_resumed_runs_samples_keep_the_earlier_rows_and_the_final_tokens(host,
     def fast_sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, on_step=None):
         calls.append(1)
         if len(calls) == 2:
-            hostmod.interrupt_current_processing(True)  # Cancel while step 4's samples render
+            hostmod.interrupt_current_processing(True)  # Cancel while step 2's samples render
         if on_step is not None:
             on_step()
         return torch.randn(latent.shape, generator=torch.Generator().manual_seed(len(calls)))
     monkeypatch.setattr(hostmod, "sample", fast_sample)
-    watch = dict(sample_prompt="a photo of sks person", sample_every=2)
+    watch = dict(sample_prompt="a photo of sks person", sample_every=1, steps=2)
     with pytest.raises(hostmod.InterruptProcessingException):
         _node(host, sd15, photo, name="lastcut", **FAST, **watch)
     state = pack.core("train_state").load_train_state(train.checkpoint_dir() / "lastcut.sefi-train")
-    assert state.step == 4
+    assert state.step == 2
     out = _node(host, sd15, photo, name="lastcut", resume_from="lastcut", **{**FAST, "overwrite": False}, **watch)
     samples = out[3]
     assert samples.shape == (1, 2 * RES, RES, 3) and len(calls) == 3
     folder = _samples(pack, "lastcut", state.run_id)
-    assert sorted(p.name for p in folder.iterdir()) == ["lastcut@2.png", "lastcut@4.png"]
-    disk = np.asarray(Image.open(folder / "lastcut@2.png"), dtype=np.float32) / 255.0
+    assert sorted(p.name for p in folder.iterdir()) == ["lastcut@1.png", "lastcut@2.png"]
+    disk = np.asarray(Image.open(folder / "lastcut@1.png"), dtype=np.float32) / 255.0
     torch.testing.assert_close(samples[0, :RES], torch.from_numpy(disk))
     assert float(samples[0, RES:].std()) > 0
 
