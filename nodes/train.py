@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from .sampling_support import check_model_sampling
 from .sample_renders import SampleSpec, render_samples, sample_prompts
 from .snapshots import STAGING_SUFFIX, RunSnapshots, existing_snapshots, new_run_id
 from .train_options import NODE_NAME as OPTIONS_NODE_NAME
-from .train_options import TRAINING_OPTIONS, SeFiTrainingOptions, training_options
+from .train_options import TRAINING_OPTIONS, SeFiTrainingOptions, settings_values, training_options
 from .training_watch import PREVIEW_EVERY, SAMPLES_FOLDER, TrainingWatch, WatchFailedError, WatchSettings
 from .train_policies import (CHECKPOINT_SUFFIX, PARAMETRISATIONS, check_name, check_resume_structure,
                              checkpoint_dir, identity_dir, load_checkpoint, log_resume_changes,
@@ -50,12 +51,9 @@ PROGRESS_HOOKS: list = []
 NODE_NAME = "SeFi Train Identity"
 HOST_OBJECTS = ("model", "clip", "vae")
 """Inputs checked where they are first used: every refusal that needs no model comes before them."""
-WIDGETS = ("name", "trigger", "initializer", "steps", "learning_rate", "stages", "vectors_per_token",
-           "parametrisation", "kv_split", "attention_loss", "attention_weight", "loss_sites", "masked_diffusion_loss",
-           "prompt_templates", "flip_augmentation", "scale_augmentation", "seed", "resolution", "batch_size",
-           "checkpoint_every", "resume_from", "overwrite", "precision", "gradient_checkpointing", "keep_checkpoint",
-           "allow_multiple_people", "compile_unet", "stop_on_watch_failure")
-"""The node's single-value inputs, in the order train() unpacks them (INPUT_IS_LIST hands each over as a list)."""
+WIDGETS = ("name", "trigger", "initializer", "steps", "learning_rate", "resolution")
+"""The trainer's own single-value widgets, in the order _train() unpacks them (INPUT_IS_LIST hands each over as a
+list); every other setting is an option of SeFi Training Options (nodes/train_options.py)."""
 
 
 def _one(x):
@@ -114,8 +112,8 @@ class SeFiTrainIdentity:
                                              "the identity as it trains, one per line, each with the trigger (e.g. "
                                              "'a photo of sks person, smiling'). Empty = no samples."}),
                 "sample_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Render the sample "
-                                         "prompts every N steps (fixed seed, 12 euler steps, the training "
-                                         "resolution); 0 = never."}),
+                                         "prompts every N steps and of the final tokens (fixed seed, 12 euler "
+                                         "steps, the training resolution); 0 = only of the final tokens."}),
                 "save_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Save a snapshot "
                                        "<name>@<step>.safetensors every N steps, to keep the step that looks best; "
                                        "0 = never."}),
@@ -126,7 +124,9 @@ class SeFiTrainIdentity:
     RETURN_NAMES = ("identity", "loss_curve", "file_name", "samples", "attention_maps")
     OUTPUT_TOOLTIPS = ("The trained identity (for SeFi Apply Identity).", "Training loss curve.",
                        "The saved identity file name.", "The sample renders: a grid, one row per sampling point, "
-                       "one column per prompt (one black frame without samples).",
+                       "one column per prompt (one black frame without samples). Only the latest rows that fit in "
+                       "256 MB are kept here; every row is also saved as "
+                       "output/sefi_samples/<name>/<run id>/<name>@<step>.png.",
                        "Over each training photo, the identity token's attention map beside the reference word's "
                        "(what the face-wise loss pulls together): does the identity stay on the face?")
     FUNCTION = "train"
@@ -154,65 +154,55 @@ class SeFiTrainIdentity:
                            resolution=resolution, mask=mask, watch=watch, **chosen)
 
     def _train(self, model, clip, vae, images, name, trigger="sks", initializer="person", steps=600,
-               learning_rate=0.0, stages=5, vectors_per_token=1, parametrisation="self-attention generator",
-               kv_split=True, attention_loss="reference", attention_weight=0.003, loss_sites="quarter",
-               masked_diffusion_loss=False, prompt_templates="a photo of the face of {}", flip_augmentation=False,
-               scale_augmentation=False, seed=0, resolution=512, batch_size=1, checkpoint_every=100,
-               resume_from="", overwrite=False, precision="auto", gradient_checkpointing=False, mask=None,
-               keep_checkpoint=False, allow_multiple_people=False, compile_unet=False, stop_on_watch_failure=False,
-               watch: WatchSettings = WatchSettings()):
+               learning_rate=0.0, resolution=512, mask=None, watch: WatchSettings = WatchSettings(), **options):
+        """The run; `options` are SeFi Training Options' values by name (training_options: missing ones take their
+        defaults, unknown ones are refused)."""
         checked = checked_inputs(SeFiTrainIdentity, NODE_NAME, {key: value for key, value in locals().items()
-                                                               if key not in ("self", "watch", *HOST_OBJECTS)})
+                                                               if key not in ("self", "watch", "options",
+                                                                              *HOST_OBJECTS)})
         images, mask = checked["images"], checked["mask"]
-        (name, trigger, initializer, steps, learning_rate, stages, vectors_per_token, parametrisation, kv_split,
-         attention_loss, attention_weight, loss_sites, masked_diffusion_loss, prompt_templates,
-         flip_augmentation, scale_augmentation, seed, resolution, batch_size, checkpoint_every, resume_from,
-         overwrite, precision, gradient_checkpointing, keep_checkpoint, allow_multiple_people, compile_unet,
-         stop_on_watch_failure) = (_one(checked[key]) for key in WIDGETS)
-        watch = dataclasses.replace(watch, stop_on_failure=bool(stop_on_watch_failure))
+        name, trigger, initializer, steps, learning_rate, resolution = (_one(checked[key]) for key in WIDGETS)
+        opt = SimpleNamespace(**{key: _one(value) for key, value in training_options(options).items()})
+        watch = dataclasses.replace(watch, stop_on_failure=bool(opt.stop_on_watch_failure))
         model, clip, vae = _one(model), _one(clip), _one(vae)
         name = check_name(name)  # names, files and resume_from are checked before the model is touched
         out_path = identity_dir() / f"{name}.safetensors"
         ckpt_path = checkpoint_dir() / f"{name}{CHECKPOINT_SUFFIX}"
         remove_stale_temp_files([out_path, ckpt_path], name)  # this name's debris, whatever is refused next
-        if out_path.exists() and not overwrite:
+        if out_path.exists() and not opt.overwrite:
             raise FileExistsError(f"an identity named '{name}' already exists ({out_path}); pick another name or "
                                   f"set overwrite to true")
-        if parametrisation not in PARAMETRISATIONS:
-            raise ValueError(f"parametrisation must be one of {list(PARAMETRISATIONS)}, got {parametrisation!r}")
-        kind = PARAMETRISATIONS[parametrisation]
-        templates = [t.strip() for t in str(prompt_templates).splitlines() if t.strip()]
-        settings = TrainSettings(
-            steps=int(steps), lr=float(learning_rate) or DEFAULT_LR[kind], batch_size=int(batch_size),
-            seed=int(seed), checkpoint_every=int(checkpoint_every), attention_loss=attention_loss,
-            attention_weight=float(attention_weight), loss_sites=loss_sites,
-            masked_diffusion=bool(masked_diffusion_loss), templates=templates, reference_word="person",
-            flip=bool(flip_augmentation), scale_augment=bool(scale_augmentation), resolution=int(resolution),
-            initializer=str(initializer), precision="fp32")  # the dtype's name is filled in once the model is loaded
-        check_trigger_apart_from_templates(trigger, templates)
-        resume_path = resolve_checkpoint(resume_from) if str(resume_from).strip() else None
-        if ckpt_path.exists() and resume_path != ckpt_path and not overwrite:
+        if opt.parametrisation not in PARAMETRISATIONS:
+            raise ValueError(f"parametrisation must be one of {list(PARAMETRISATIONS)}, got {opt.parametrisation!r}")
+        kind = PARAMETRISATIONS[opt.parametrisation]
+        settings = TrainSettings(steps=int(steps), lr=float(learning_rate) or DEFAULT_LR[kind],
+                                 resolution=int(resolution), initializer=str(initializer), reference_word="person",
+                                 precision="fp32",  # the dtype's name is filled in once the model is loaded
+                                 **settings_values(vars(opt)))
+        check_trigger_apart_from_templates(trigger, settings.templates)
+        resume_path = resolve_checkpoint(opt.resume_from) if str(opt.resume_from).strip() else None
+        if ckpt_path.exists() and resume_path != ckpt_path and not opt.overwrite:
             raise FileExistsError(
                 f"an unfinished training run named '{name}' has a checkpoint ({ckpt_path}); set resume_from={name} "
                 f"to continue it, or overwrite=true to start over (its checkpoint is then replaced), or pick "
                 f"another name")
         snapshots = existing_snapshots(identity_dir(), name)
-        if snapshots and resume_path is None and not overwrite:
+        if snapshots and resume_path is None and not opt.overwrite:
             shown = ", ".join(p.name for p in list(snapshots.values())[:3])
             raise FileExistsError(f"step snapshots of an earlier run named '{name}' exist ({shown}"
                                   f"{' …' if len(snapshots) > 3 else ''}); pick another name, or set overwrite to "
                                   f"true to replace them")
-        if precision not in PRECISION_CHOICES:
-            raise ValueError(f"precision must be one of {list(PRECISION_CHOICES)}, got {precision!r}")
+        if opt.precision not in PRECISION_CHOICES:
+            raise ValueError(f"precision must be one of {list(PRECISION_CHOICES)}, got {opt.precision!r}")
         start_state = None
         if resume_path is not None:
             with torch.inference_mode(False):  # so the Adam state is made of ordinary tensors
-                start_state = load_checkpoint(resume_path, resume_from)
-            check_resume_structure(start_state, kind, int(stages), int(vectors_per_token), bool(kv_split),
-                                   resume_from)
+                start_state = load_checkpoint(resume_path, opt.resume_from)
+            check_resume_structure(start_state, kind, int(opt.stages), int(opt.vectors_per_token), bool(opt.kv_split),
+                                   opt.resume_from)
         run_id = start_state.run_id if start_state is not None and start_state.run_id else new_run_id()
         run_snapshots = RunSnapshots(identity_dir(), checkpoint_dir() / f"{name}{STAGING_SUFFIX}", name, run_id)
-        foreign = run_snapshots.foreign() if start_state is not None and not overwrite else {}
+        foreign = run_snapshots.foreign() if start_state is not None and not opt.overwrite else {}
         if foreign:
             shown = ", ".join(p.name for p in list(foreign.values())[:3])
             raise FileExistsError(f"step snapshots named '{name}' that this checkpoint's run did not write exist "
@@ -230,20 +220,20 @@ class SeFiTrainIdentity:
             if len(mlist) != len(pics):
                 raise ValueError(f"{len(mlist)} masks for {len(pics)} images; give one mask per image")
         pics, mlist, found = drop_faceless(pics, mlist, survey(pics), name)
-        check_one_person(found, allow_multiple_people)
+        check_one_person(found, opt.allow_multiple_people)
         photos, changed_photos = photo_records(pics, found), None
         if start_state is not None:
-            photos, changed_photos = compare_with_checkpoint(photos, start_state.photos, allow_multiple_people,
-                                                             resume_from, name)
+            photos, changed_photos = compare_with_checkpoint(photos, start_state.photos, opt.allow_multiple_people,
+                                                             opt.resume_from, name)
         masks = None if mlist is None else torch.cat([fit_mask(m.float().cpu(), settings.resolution) for m in mlist])
         checked_inputs(SeFiTrainIdentity, NODE_NAME, {"model": model, "clip": clip, "vae": vae})
         check_model_sampling(model, NODE_NAME)
-        if compile_unet:
+        if opt.compile_unet:
             check_compile_available(model.load_device)
 
         run_snapshots.begin(start_state.step if start_state is not None else None)
         device = host.torch_device()
-        with training_context(model, clip, precision) as dtype:
+        with training_context(model, clip, opt.precision) as dtype:
             settings.precision = DTYPE_NAMES[dtype]
             changed = log_resume_changes(start_state, settings, name) if start_state is not None else {}
             if changed_photos is not None:
@@ -252,30 +242,30 @@ class SeFiTrainIdentity:
             pixels = torch.cat([fit_image(p.float().cpu().clone(), settings.resolution) for p in pics])
             encoder = TextEncoder(clip)
             norms = embedding_norms(clip)
-            step_fn = SefiStep(model, clip, vae, pixels, masks, settings, trigger, int(vectors_per_token), encoder,
+            step_fn = SefiStep(model, clip, vae, pixels, masks, settings, trigger, int(opt.vectors_per_token), encoder,
                                settings.initializer)
             if start_state is not None:
                 generator = rebuild_generator(start_state.generator_config)
                 if sorted(generator.encoders) != sorted(encoder.encoders):
-                    raise ValueError(f"resume_from={resume_from}: the checkpoint was trained with the text "
+                    raise ValueError(f"resume_from={opt.resume_from}: the checkpoint was trained with the text "
                                      f"encoder(s) {sorted(generator.encoders)}, the connected clip has "
                                      f"{sorted(encoder.encoders)}; connect the model family it was trained "
                                      f"with (SD1.5: clip_l, SDXL: clip_l + clip_g)")
             else:
                 generator = build_generator(kind, encoder.initializer_embeddings(initializer),
-                                            stages=int(stages), vectors_per_token=int(vectors_per_token),
-                                            kv_split=bool(kv_split), seed=int(seed))
+                                            stages=int(opt.stages), vectors_per_token=int(opt.vectors_per_token),
+                                            kv_split=bool(opt.kv_split), seed=int(opt.seed))
             generator.to(model.load_device)
             watcher = self._watcher(watch, settings, name, generator, encoder, trigger, settings.initializer, kind,
                                     photos, norms, (model, clip, vae), start_state, run_snapshots)
             started = time.perf_counter()
-            with step_fn.unet.compiled(bool(compile_unet)) as compiled_blocks, \
-                    step_fn.unet.checkpointing(bool(gradient_checkpointing)):
+            with step_fn.unet.compiled(bool(opt.compile_unet)) as compiled_blocks, \
+                    step_fn.unet.checkpointing(bool(opt.gradient_checkpointing)):
                 if compiled_blocks:
                     log.info("[SeFi] %s: compiling %d U-Net blocks (mode %s); the first step waits for it", name,
                              compiled_blocks, compile_mode(model.load_device))
                 result = self._run(generator, step_fn, settings, start_state, ckpt_path, name, photos, norms,
-                                   resume_from, watcher, run_id)
+                                   opt.resume_from, watcher, run_id)
                 watcher.finish(result.steps_done, settings.steps)
             watcher.report(time.perf_counter() - started)
             peak = peak_memory_bytes(device)
@@ -289,25 +279,25 @@ class SeFiTrainIdentity:
             training.update(parametrisation=kind, generator=generator.config(), steps_done=result.steps_done,
                             final_loss=result.loss_history[-1] if result.loss_history else None,
                             peak_memory_bytes=peak, device=str(device), host=host.DISTRIBUTION,
-                            initializer=initializer, gradient_checkpointing=bool(gradient_checkpointing),
-                            compile_unet=bool(compile_unet), run_id=run_id)
+                            initializer=initializer, gradient_checkpointing=bool(opt.gradient_checkpointing),
+                            compile_unet=bool(opt.compile_unet), run_id=run_id)
             if watcher.failures:
                 training.update(watch_failures=list(watcher.failures))
             if start_state is not None:
                 training.update(resumed_at_step=int(start_state.step), changed_on_resume=changed)
             identity = Identity(encoder.family, tokens, trigger, initializer, training,
                                 tuple(r["sha256"] for r in photos), norms)
-            if out_path.exists() and not overwrite:
+            if out_path.exists() and not opt.overwrite:
                 raise FileExistsError(f"an identity named '{name}' appeared while training ({out_path}); the "
                                       f"checkpoint {ckpt_path} holds the result; resume it under another name")
             out_path.parent.mkdir(parents=True, exist_ok=True)
             save_identity(identity, out_path)
-            if not keep_checkpoint and ckpt_path.exists():
+            if not opt.keep_checkpoint and ckpt_path.exists():
                 ckpt_path.unlink()
                 log.info("[SeFi] %s: identity saved; deleted its training checkpoint %s (keep_checkpoint=true "
                          "keeps it)", name, ckpt_path)
             run_snapshots.finish()  # the run succeeded: an earlier run's snapshots give way to its own
-            maps = self._attention_maps(step_fn, live, pixels, int(seed), name)
+            maps = self._attention_maps(step_fn, live, pixels, int(opt.seed), name)
         picture = render_loss_curve(result.loss_history, shares=term_shares(result.state.parts_history))
         curve = torch.from_numpy(picture.astype(np.float32) / 255.0)[None]
         return identity, curve, out_path.name, watcher.samples(settings.resolution), maps

@@ -6,6 +6,8 @@ its own type. A trainer without it trains exactly as one with an untouched optio
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -14,42 +16,66 @@ from .edges import checked_inputs
 from .identity import CATEGORY
 from .train_policies import PARAMETRISATIONS
 from .training import PRECISION_CHOICES
-from ..sefi_core.training import LOSS_SITES
+from ..sefi_core.generator import build_generator
+from ..sefi_core.training import ATTENTION_LOSSES, LOSS_SITES, TrainSettings
 
 TRAINING_OPTIONS = "SEFI_TRAINING_OPTIONS"
 NODE_NAME = "SeFi Training Options"
 CHECKPOINT_SIZE_HINT = ("400 MB for SD1.5, 1.5 GB for SDXL with the self-attention generator; under 1 MB for "
                         "direct tokens")
 
+SETTING_OF_OPTION: Mapping[str, str] = MappingProxyType({
+    "attention_loss": "attention_loss", "attention_weight": "attention_weight", "loss_sites": "loss_sites",
+    "masked_diffusion_loss": "masked_diffusion", "prompt_templates": "templates", "flip_augmentation": "flip",
+    "scale_augmentation": "scale_augment", "seed": "seed", "batch_size": "batch_size",
+    "checkpoint_every": "checkpoint_every"})
+"""Options that are TrainSettings fields (sefi_core/training.py), by the field's name: their defaults are the
+settings' own, and settings_values() turns them into the settings' values — each default is written once."""
+_GENERATOR_DEFAULTS = {k: p.default for k, p in inspect.signature(build_generator).parameters.items()
+                       if p.default is not inspect.Parameter.empty}
+"""The structure options' defaults (stages, vectors_per_token, kv_split) are build_generator's."""
+
+
+def _setting_default(option: str) -> Any:
+    field = {f.name: f for f in dataclasses.fields(TrainSettings)}[SETTING_OF_OPTION[option]]
+    value = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    return "\n".join(value) if option == "prompt_templates" else value  # the widget: one template a line
+
+
 OPTION_INPUTS: Mapping[str, tuple] = MappingProxyType({
-    "stages": ("INT", {"default": 5, "min": 1, "max": 10, "tooltip": "Timestep stages, each with its own K/V tokens "
-                       "(the paper uses 5)."}),
-    "vectors_per_token": ("INT", {"default": 1, "min": 1, "max": 8, "tooltip": "Word slots the trigger expands "
-                                  "to."}),
-    "parametrisation": (list(PARAMETRISATIONS), {"default": "self-attention generator", "tooltip": "self-attention "
+    "stages": ("INT", {"default": _GENERATOR_DEFAULTS["stages"], "min": 1, "max": 10, "tooltip": "Timestep "
+                       "stages, each with its own K/V tokens (the paper uses 5)."}),
+    "vectors_per_token": ("INT", {"default": _GENERATOR_DEFAULTS["vectors_per_token"], "min": 1, "max": 8,
+                                  "tooltip": "Word slots the trigger expands to."}),
+    "parametrisation": (list(PARAMETRISATIONS), {"default": next(iter(PARAMETRISATIONS)), "tooltip": "self-attention "
                         "generator: the paper's token generator; direct tokens: free vectors (faster, a "
                         "deviation)."}),
-    "kv_split": ("BOOLEAN", {"default": True, "tooltip": "Separate key and value tokens (the paper); off = one token "
-                             "per stage for both."}),
-    "attention_loss": (["reference", "mask", "off"], {"default": "reference", "tooltip": "reference: the paper's "
-                       "face-wise loss (maps of the trigger follow those of 'person'); mask: pull attention into the "
-                       "face mask; off."}),
-    "attention_weight": ("FLOAT", {"default": 0.003, "min": 0.0, "max": 1000.0, "step": 0.001, "tooltip": "λ of the "
-                                   "attention loss (paper: 0.003)."}),
-    "loss_sites": (list(LOSS_SITES), {"default": "quarter", "tooltip": "Cross-attention resolutions the attention "
-                   "loss reads: quarter = latent/4 (16×16 at 512 px), quarter+half adds latent/2, all."}),
-    "masked_diffusion_loss": ("BOOLEAN", {"default": False, "tooltip": "Only reconstruct the face mask area (needs "
-                                          "a mask)."}),
-    "prompt_templates": ("STRING", {"multiline": True, "default": "a photo of the face of {}", "tooltip": "Training "
-                                    "prompts, one per line; {} is the trigger."}),
-    "flip_augmentation": ("BOOLEAN", {"default": False, "tooltip": "Randomly mirror the photos. Off by default: "
-                                      "faces are not mirror-symmetric (parting, moles)."}),
-    "scale_augmentation": ("BOOLEAN", {"default": False, "tooltip": "Random zoom 0.9–1.1 (in latent space)."}),
-    "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "tooltip": "Seed of all training randomness (same "
-                     "seed = same result on CPU); the sample renders use it too."}),
-    "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Samples per step."}),
-    "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 100000, "tooltip": "Save a resumable checkpoint "
-                                 "every N steps (0 = only at the end / on Cancel)."}),
+    "kv_split": ("BOOLEAN", {"default": _GENERATOR_DEFAULTS["kv_split"], "tooltip": "Separate key and value tokens "
+                             "(the paper); off = one token per stage for both."}),
+    "attention_loss": (list(ATTENTION_LOSSES), {"default": _setting_default("attention_loss"), "tooltip": "reference: "
+                       "the paper's face-wise loss (maps of the trigger follow those of 'person'); mask: pull "
+                       "attention into the face mask; off."}),
+    "attention_weight": ("FLOAT", {"default": _setting_default("attention_weight"), "min": 0.0, "max": 1000.0,
+                                   "step": 0.001, "tooltip": "λ of the attention loss (paper: 0.003)."}),
+    "loss_sites": (list(LOSS_SITES), {"default": _setting_default("loss_sites"), "tooltip": "Cross-attention "
+                   "resolutions the attention loss reads: quarter = latent/4 (16×16 at 512 px), quarter+half adds "
+                   "latent/2, all."}),
+    "masked_diffusion_loss": ("BOOLEAN", {"default": _setting_default("masked_diffusion_loss"), "tooltip": "Only "
+                                          "reconstruct the face mask area (needs a mask)."}),
+    "prompt_templates": ("STRING", {"multiline": True, "default": _setting_default("prompt_templates"),
+                                    "tooltip": "Training prompts, one per line; {} is the trigger."}),
+    "flip_augmentation": ("BOOLEAN", {"default": _setting_default("flip_augmentation"), "tooltip": "Randomly mirror "
+                                      "the photos. Off by default: faces are not mirror-symmetric (parting, "
+                                      "moles)."}),
+    "scale_augmentation": ("BOOLEAN", {"default": _setting_default("scale_augmentation"), "tooltip": "Random zoom "
+                                       "0.9–1.1 (in latent space)."}),
+    "seed": ("INT", {"default": _setting_default("seed"), "min": 0, "max": 2**63 - 1, "tooltip": "Seed of all "
+                     "training randomness (same seed = same result on CPU); the sample renders use it too."}),
+    "batch_size": ("INT", {"default": _setting_default("batch_size"), "min": 1, "max": 64, "tooltip": "Samples per "
+                           "step."}),
+    "checkpoint_every": ("INT", {"default": _setting_default("checkpoint_every"), "min": 0, "max": 100000,
+                                 "tooltip": "Save a resumable checkpoint every N steps (0 = only at the end / on "
+                                 "Cancel)."}),
     "resume_from": ("STRING", {"default": "", "tooltip": "Name of a training checkpoint in "
                                "models/sefi_identities/checkpoints to continue from, e.g. the name of an interrupted "
                                "run (empty = start fresh)."}),
@@ -83,6 +109,20 @@ widget values by position)."""
 
 OPTION_DEFAULTS: Mapping[str, Any] = MappingProxyType({name: spec[1]["default"]
                                                        for name, spec in OPTION_INPUTS.items()})
+
+
+def settings_values(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The TrainSettings fields the options set ({field: value}; templates as a list, one a line, blank lines
+    dropped)."""
+    values = {}
+    for option, setting in SETTING_OF_OPTION.items():
+        value = options[option]
+        if option == "prompt_templates":
+            value = [t.strip() for t in str(value).splitlines() if t.strip()]
+        else:
+            value = type(_setting_default(option))(value)
+        values[setting] = value
+    return values
 
 
 def training_options(options: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -266,20 +266,24 @@ def test_cancel_during_a_sample_render_saves_the_checkpoint_and_resume_keeps_the
 
 
 def test_the_options_node_carries_the_trainers_former_widgets_with_their_defaults(host, pack):
-    """A graph without SeFi Training Options trains with exactly these defaults: each equals the default of the
-    trainer's own keyword (what the trainer had as a widget) and of the settings the loop reads."""
+    """One table: SeFi Training Options' inputs are the only place an option's default is written for the node and
+    the trainer (the trainer takes options by name, no keyword of its own repeats a default), and the options that
+    are training settings take their defaults from TrainSettings, the settings the loop reads."""
+    import dataclasses
     import inspect
-    train, opts, tr = pack.glue("train"), pack.glue("train_options"), pack.core("training")
+    train, opts, tr, gen = pack.glue("train"), pack.glue("train_options"), pack.core("training"), pack.core("generator")
     trainer = host.nodes["SeFiTrainIdentity"]
     assert trainer.INPUT_TYPES()["optional"]["options"][0] == opts.TRAINING_OPTIONS
     assert host.nodes["SeFiTrainingOptions"].RETURN_TYPES == (opts.TRAINING_OPTIONS,)
-    keyword = {k: p.default for k, p in inspect.signature(train.SeFiTrainIdentity._train).parameters.items()}
-    assert dict(opts.OPTION_DEFAULTS) == {k: keyword[k] for k in opts.OPTION_DEFAULTS}
+    keywords = set(inspect.signature(train.SeFiTrainIdentity._train).parameters)
+    assert not keywords & set(opts.OPTION_DEFAULTS) and "options" in keywords
     assert dict(opts.training_options(None)) == dict(opts.OPTION_DEFAULTS)
     settings = tr.TrainSettings()
-    assert (settings.seed, settings.batch_size, settings.checkpoint_every, settings.attention_weight,
-            settings.loss_sites) == tuple(opts.OPTION_DEFAULTS[k] for k in (
-                "seed", "batch_size", "checkpoint_every", "attention_weight", "loss_sites"))
+    fields = {f.name for f in dataclasses.fields(settings)} & set(opts.SETTING_OF_OPTION.values())
+    assert opts.settings_values(opts.OPTION_DEFAULTS) == {name: getattr(settings, name) for name in fields}
+    assert opts.OPTION_DEFAULTS["prompt_templates"] == "\n".join(settings.templates)
+    structure = inspect.signature(gen.build_generator).parameters
+    assert all(opts.OPTION_DEFAULTS[k] == structure[k].default for k in ("stages", "vectors_per_token", "kv_split"))
     node_widgets = set(trainer.INPUT_TYPES()["required"]) | set(trainer.INPUT_TYPES()["optional"])
     assert not node_widgets & set(opts.OPTION_DEFAULTS)
     with pytest.raises(ValueError, match="unknown training option"):
