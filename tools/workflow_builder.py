@@ -231,7 +231,7 @@ def train_identity() -> Workflow:
                      prompt_templates="a photo of the face of {}\na close-up photo of {}", flip_augmentation=False,
                      scale_augmentation=False, seed=0, batch_size=1, checkpoint_every=100, resume_from="",
                      overwrite=False, precision="auto", gradient_checkpointing=False, keep_checkpoint=False,
-                     allow_multiple_people=False, compile_unet=False)
+                     allow_multiple_people=False, compile_unet=False, stop_on_watch_failure=False)
     train = wf.add("SeFiTrainIdentity", col=2, model=ckpt[0], clip=ckpt[1], vae=ckpt[2], images=faces[1],
                    mask=faces[2], options=options[0], name="my_identity", trigger="sks", initializer="person",
                    steps=600, learning_rate=0.0, resolution=512, preview_every=25,
