@@ -313,7 +313,7 @@ class SeFiTrainIdentity:
             raise
         except Exception as e:
             log.warning("[SeFi] %s: the identity is saved, but its attention-map picture failed (%s: %s); the "
-                        "attention_maps output is a black frame", name, type(e).__name__, e)
+                        "attention-map output is a black frame", name, type(e).__name__, e)
             return torch.zeros(1, 64, 64, 3)
 
     @staticmethod
