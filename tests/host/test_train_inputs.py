@@ -15,24 +15,14 @@ import torch
 from batch.comfy_client import PromptFailed
 
 from .server_training import ready_to_train, train_graph
+from .test_train_safety import _args  # the same short, direct-token run
 
-RES = 64
 OLD_01 = Path(__file__).resolve().parents[1] / "data" / "workflows" / "01_train_identity.before_options.json"
 
 
 @pytest.fixture(scope="module")
 def photo(face_photo):
     return face_photo("obama_1.jpg", 160)
-
-
-def _args(**kw):
-    args = dict(name="inputs", trigger="sks", initializer="person", steps=1, learning_rate=0.0, stages=2,
-                vectors_per_token=1, parametrisation="direct tokens", kv_split=True, attention_loss="off",
-                attention_weight=0.003, loss_sites="quarter", masked_diffusion_loss=False,
-                prompt_templates="a photo of the face of {}", flip_augmentation=False, scale_augmentation=False,
-                seed=3, resolution=RES, batch_size=1, checkpoint_every=0, resume_from="", overwrite=False)
-    args.update(kw)
-    return args
 
 
 def _refused(host, images, **kw):
