@@ -83,7 +83,8 @@ class SeFiIdentityScore:
             "optional": {
                 "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": (
                     "The prompt of each image, one per line in batch order (or one line for all). Used for prompt "
-                    "fidelity when clip_weights is set.")}),
+                    "fidelity when clip_weights is set; without prompts clip_weights has no effect (the report "
+                    "says so).")}),
                 "clip_weights": ("STRING", {"default": "", "tooltip": (
                     "Local open_clip weights for prompt fidelity: a file in ComfyUI's models folder, relative to it "
                     "(e.g. clip/open_clip_vit_b32.safetensors). Empty = prompt fidelity off. Nothing is "
@@ -131,6 +132,11 @@ class SeFiIdentityScore:
         else:
             scorer = None
             note = "no prompts given"
+            if str(clip_weights or "").strip():  # checked all the same: a wrong path is wrong with prompts too
+                _resolve_clip_weights(str(clip_weights))
+                note = ("no prompts given, so clip_weights has no effect: prompt fidelity compares each image with "
+                        "its prompt; write them in prompts (one per line, in batch order) or clear clip_weights")
+                log.warning("SeFi Identity Score: %s", note)
 
         bar = host.progress_bar(len(singles) + len(refs))
         report = ev.evaluate(singles, refs, backend=engine, prompts=prompt_list, scorer=scorer,

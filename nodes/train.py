@@ -17,14 +17,16 @@ import numpy as np
 import torch
 
 from . import host
-from .edges import checked_inputs
+from .edges import GRAPH_HIDDEN, checked_inputs
+from . import output_changes
 from .identity import CATEGORY, IDENTITY
 from .prompt_encoding import embedding_norms
 from .sampling_support import check_model_sampling
 from .sample_renders import SampleSpec, render_samples, sample_prompts
 from .snapshots import STAGING_SUFFIX, RunSnapshots, existing_snapshots, new_run_id
 from .train_options import NODE_NAME as OPTIONS_NODE_NAME
-from .train_options import TRAINING_OPTIONS, SeFiTrainingOptions, settings_values, training_options
+from .train_options import OPTION_INPUTS, TRAINING_OPTIONS, SeFiTrainingOptions, settings_values, training_options
+from .train_inputs import check_entry, check_masks, check_photo_shapes, check_sample_prompts, log_sampling_cost
 from .training_watch import PREVIEW_EVERY, SAMPLES_FOLDER, TrainingWatch, WatchFailedError, WatchSettings
 from .train_policies import (CHECKPOINT_SUFFIX, PARAMETRISATIONS, check_name, check_resume_structure,
                              checkpoint_dir, identity_dir, load_checkpoint, log_resume_changes,
@@ -58,6 +60,15 @@ list); every other setting is an option of SeFi Training Options (nodes/train_op
 
 def _one(x):
     return x[0] if isinstance(x, list) else x
+
+
+def _output_path(name) -> Path | None:
+    """The identity file a run with this name writes; None when the name is not known yet (linked) or invalid
+    (the run itself refuses it)."""
+    try:
+        return identity_dir() / f"{check_name(name)}.safetensors" if name is not None else None
+    except (ValueError, TypeError):
+        return None
 
 
 def _image_list(images) -> list[torch.Tensor]:
@@ -118,7 +129,14 @@ class SeFiTrainIdentity:
                                        "<name>@<step>.safetensors every N steps, to keep the step that looks best; "
                                        "0 = never."}),
             },
+            "hidden": dict(GRAPH_HIDDEN),  # the graph as sent: settings it sets here that this node does not take
         }
+
+    @classmethod
+    def IS_CHANGED(cls, name=None, sefi_node_id=None, **_):
+        """Run again when the identity file this node wrote is gone or changed, not only when the inputs changed
+        (nodes/output_changes.py); the host's cache answers otherwise."""
+        return output_changes.change_value(_output_path(_one(name)), _one(sefi_node_id))
 
     RETURN_TYPES = (IDENTITY, "IMAGE", "STRING", "IMAGE", "IMAGE")
     RETURN_NAMES = ("identity", "loss_curve", "file_name", "samples", "attention_maps")
@@ -135,9 +153,14 @@ class SeFiTrainIdentity:
 
     def train(self, model, clip, vae, images, name, trigger="sks", initializer="person", steps=600,
               learning_rate=0.0, resolution=512, mask=None, options=None, preview_every=PREVIEW_EVERY,
-              sample_prompt="", sample_every=0, save_every=0, **option_values):
+              sample_prompt="", sample_every=0, save_every=0, sefi_prompt=None, sefi_node_id=None,
+              **option_values):
         """The node's inputs; Python callers (tools, tests) may also give options as keywords, which take the
         place of the connected options' values."""
+        check_entry(SeFiTrainIdentity, NODE_NAME, dict(
+            name=name, trigger=trigger, initializer=initializer, steps=steps, learning_rate=learning_rate,
+            resolution=resolution, options=options, preview_every=preview_every, sample_prompt=sample_prompt,
+            sample_every=sample_every, save_every=save_every), sefi_prompt, sefi_node_id, OPTION_INPUTS)
         chosen = training_options(_one(options))
         chosen.update(checked_inputs(SeFiTrainingOptions, OPTIONS_NODE_NAME,
                                      {k: _one(v) for k, v in training_options(option_values).items()
@@ -149,9 +172,17 @@ class SeFiTrainIdentity:
             "preview_every", "sample_every", "save_every", "trigger"))
         prompts = watched["sample_prompt"]  # a list of prompts wired in: every one of them, not only the first
         prompts = "\n".join(str(p) for p in (prompts if isinstance(prompts, list) else [prompts]))
-        watch = WatchSettings(preview_every, sample_prompts(prompts, str(trigger_word)), sample_every, save_every)
-        return self._train(model, clip, vae, images, name, trigger, initializer, steps, learning_rate,
-                           resolution=resolution, mask=mask, watch=watch, **chosen)
+        watch = WatchSettings(int(preview_every), sample_prompts(prompts, str(trigger_word)), int(sample_every),
+                              int(save_every))
+        check_sample_prompts(watch.sample_prompts)
+        log_sampling_cost(str(_one(name)), watch.sample_prompts, watch.sample_every, int(_one(steps)),
+                          int(_one(chosen["batch_size"])))
+        out_path = _output_path(_one(name))
+        before = output_changes.change_value(out_path)
+        result = self._train(model, clip, vae, images, name, trigger, initializer, steps, learning_rate,
+                             resolution=resolution, mask=mask, watch=watch, **chosen)
+        output_changes.remember(out_path, before, _one(sefi_node_id))
+        return result
 
     def _train(self, model, clip, vae, images, name, trigger="sks", initializer="person", steps=600,
                learning_rate=0.0, resolution=512, mask=None, watch: WatchSettings = WatchSettings(), **options):
@@ -219,6 +250,8 @@ class SeFiTrainIdentity:
                 mlist = mlist * len(pics)
             if len(mlist) != len(pics):
                 raise ValueError(f"{len(mlist)} masks for {len(pics)} images; give one mask per image")
+            check_masks(pics, mlist)
+        check_photo_shapes(pics, name)
         pics, mlist, found = drop_faceless(pics, mlist, survey(pics), name)
         check_one_person(found, opt.allow_multiple_people)
         photos, changed_photos = photo_records(pics, found), None

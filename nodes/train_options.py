@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from .edges import checked_inputs
+from .edges import GRAPH_HIDDEN, check_graph_inputs, checked_inputs
 from .identity import CATEGORY
 from .train_policies import PARAMETRISATIONS
 from .training import PRECISION_CHOICES
@@ -136,13 +136,19 @@ def training_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return chosen
 
 
+TRAINER_INPUTS_HERE = {name: "SeFi Train Identity (set it on the trainer this node feeds)" for name in (
+    "name", "trigger", "initializer", "steps", "learning_rate", "resolution", "mask", "preview_every",
+    "sample_prompt", "sample_every", "save_every")}
+"""The trainer's own inputs, which an API graph may put here by mistake (they would be dropped)."""
+
+
 class SeFiTrainingOptions:
     DESCRIPTION = ("The less-touched settings of SeFi Train Identity (method, losses, augmentation, checkpoints, "
                    "speed). Connect it to the trainer's options input; without it the trainer uses these defaults.")
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": dict(OPTION_INPUTS)}
+        return {"required": dict(OPTION_INPUTS), "hidden": dict(GRAPH_HIDDEN)}
 
     RETURN_TYPES = (TRAINING_OPTIONS,)
     RETURN_NAMES = ("options",)
@@ -150,7 +156,8 @@ class SeFiTrainingOptions:
     FUNCTION = "options"
     CATEGORY = CATEGORY
 
-    def options(self, **values):
+    def options(self, sefi_prompt=None, sefi_node_id=None, **values):
+        check_graph_inputs(SeFiTrainingOptions, NODE_NAME, sefi_prompt, sefi_node_id, TRAINER_INPUTS_HERE)
         return (MappingProxyType(training_options(checked_inputs(SeFiTrainingOptions, NODE_NAME, values))),)
 
 

@@ -116,6 +116,21 @@ def test_clip_weights_stay_inside_the_models_folders(host, batches, tmp_path):
         inside.unlink()
 
 
+def test_clip_weights_without_prompts_say_they_have_no_effect(host, batches):
+    """clip_weights set and no prompts: it was ignored without a word (issue 32)."""
+    gen, refs = batches
+    inside = Path(host.folder_paths.models_dir) / "clip" / "sefi-unused-weights.bin"
+    inside.parent.mkdir(parents=True, exist_ok=True)
+    inside.write_bytes(b"never read: there are no prompts to score")
+    try:
+        text = run(host, gen, refs, clip_weights="clip/sefi-unused-weights.bin")[1]
+    finally:
+        inside.unlink()
+    assert "no prompts given, so clip_weights has no effect" in text and "write them in prompts" in text
+    with pytest.raises(ValueError, match="clip_weights='clip/missing.bin': no such file"):  # checked all the same
+        run(host, gen, refs, clip_weights="clip/missing.bin")
+
+
 def test_runs_in_a_server_graph(server, faces_dir):
     """LoadImage → SeFiIdentityScore → SaveImage through the executor (the FLOAT and STRING outputs too)."""
     inputs = server.base_dir / "input"

@@ -16,7 +16,8 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-GLUE = {"train.py": ["SeFiTrainIdentity"], "train_policies.py": ["SeFiTrainIdentity"], "faces.py": ["SeFiFaceMask"],
+GLUE = {"train.py": ["SeFiTrainIdentity"], "train_policies.py": ["SeFiTrainIdentity"],
+        "train_inputs.py": ["SeFiTrainIdentity"], "faces.py": ["SeFiFaceMask"],
         "evaluation.py": ["SeFiIdentityScore"]}
 NOT_WIDGETS = {
     # folders, files, tensor keys and output names the messages may cite as such

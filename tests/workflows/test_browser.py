@@ -382,3 +382,22 @@ def test_a_person_watches_training_in_the_web_ui(ui, server, faces_dir, tiny_sd1
     for shot in (running, finished):
         assert shot.stat().st_size > 10_000
         _keep_if_unchanged(shot, screenshot_dir / shot.name)
+
+
+# ------------------------------------------------------------------------------- a workflow of an earlier layout
+
+OLD_01 = embedded_host.REPO_ROOT / "tests" / "data" / "workflows" / "01_train_identity.before_options.json"
+
+
+def test_a_workflow_saved_with_an_earlier_layout_is_refused_when_queued(ui, server):
+    """The first workflows/01 (every setting on the trainer) loads its values shifted into today's trainer
+    (resolution=5, sample_prompt='self-attention generator'): what Queue sends is refused, saying what to do
+    (issue 33), instead of running on shifted values or failing on one widget's range."""
+    from batch.comfy_client import PromptFailed
+    ui.load(json.loads(OLD_01.read_text()), "01_old_layout", expect_missing=False)
+    output = ui.page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    trainer = next(node for node in output.values() if node["class_type"] == "SeFiTrainIdentity")
+    assert trainer["inputs"]["resolution"] == 5 and trainer["inputs"]["sample_prompt"] == "self-attention generator"
+    with pytest.raises(PromptFailed, match=r"saved with the layout it had before SeFi Training Options existed.*"
+                                           r"re-create the node"):
+        server.client.queue(output)
