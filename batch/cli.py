@@ -17,7 +17,9 @@ Engines: `--engine http` (the default) is the above. `--engine ray [--ray-addres
 Ray actors instead, each booting the host in-process once (batch/ray_engine.py; `pip install "sefi-ide[ray]"`).
 
 Resume: a person whose --out/<name>.safetensors exists and loads (sefi_core.identity.load_identity) is skipped.
-One failing person (no photos, an unreadable photo, no face, a training error) is reported and the others go on.
+One failing person (no photos, an unreadable photo, no face, a training error; an identity file in --out that
+cannot be read, which is kept; a folder name that is another person's or identity's spelled differently) is
+reported and the others go on.
 Exit codes: 0 all trained or skipped; 1 some failed; 2 bad arguments or folders; 3 no usable server (or, with
 --engine ray, no worker could start).
 """
