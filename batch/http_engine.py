@@ -1,8 +1,8 @@
 """The HTTP engine of the batch trainer (`--engine http`, the default): ComfyUI servers fed from one queue.
 
 For each person the photos are uploaded to a server (POST /upload/image, so no shared input folder is needed)
-and one API-format graph is queued: LoadImage per photo → SeFiFaceMask (aligned face crop; a photo without a
-face fails the person) → ImageBatch → SeFiTrainIdentity with the graph's own checkpoint. Every `--server URL` is
+and one API-format graph is queued: LoadImage per photo -> SeFiFaceMask (aligned face crop; a photo without a
+face fails the person) -> ImageBatch -> SeFiTrainIdentity with the graph's own checkpoint. Every `--server URL` is
 fed from one shared queue (one thread per server); without `--server` embedded hosts are started here (see
 batch/cli.py).
 """

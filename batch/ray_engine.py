@@ -47,7 +47,7 @@ POLL_SECONDS = 0.1
 WORKER_START_TIMEOUT = 15 * 60  # a replacement that cannot be placed (no free GPU left) gives up after this
 
 WATCH_HOOKS: list[Callable[["RayJob"], None]] = []
-"""Callables run by the driver on every poll with the running job (its `running()` people → worker handles);
+"""Callables run by the driver on every poll with the running job (its `running()` people -> worker handles);
 for tests and fault drills, e.g. ray.kill of a worker."""
 
 
@@ -225,7 +225,7 @@ class RayJob:
         self.workers[label] = Worker(label, handle, handle.describe.remote())
 
     def running(self) -> dict[str, Any]:
-        """person name → the handle of the worker training them now."""
+        """person name -> the handle of the worker training them now."""
         return {task.person.name: self.workers[label].handle for label, task in self.in_flight.values()}
 
     def _dispatch(self) -> None:

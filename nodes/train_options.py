@@ -34,8 +34,8 @@ OPTION_INPUTS: Mapping[str, tuple] = MappingProxyType({
     "attention_loss": (["reference", "mask", "off"], {"default": "reference", "tooltip": "reference: the paper's "
                        "face-wise loss (maps of the trigger follow those of 'person'); mask: pull attention into the "
                        "face mask; off."}),
-    "attention_weight": ("FLOAT", {"default": 0.003, "min": 0.0, "max": 1000.0, "step": 0.001, "tooltip": "λ of the "
-                                   "attention loss (paper: 0.003)."}),
+    "attention_weight": ("FLOAT", {"default": 0.003, "min": 0.0, "max": 1000.0, "step": 0.001, "tooltip": "The "
+                                   "attention loss's weight lambda (paper: 0.003)."}),
     "loss_sites": (list(LOSS_SITES), {"default": "quarter", "tooltip": "Cross-attention resolutions the attention "
                    "loss reads: quarter = latent/4 (16×16 at 512 px), quarter+half adds latent/2, all."}),
     "masked_diffusion_loss": ("BOOLEAN", {"default": False, "tooltip": "Only reconstruct the face mask area (needs "

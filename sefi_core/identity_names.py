@@ -2,7 +2,7 @@
 
 An identity named N is the file `N.safetensors`. Two names are the same identity when they differ only by the
 '.safetensors' suffix (the trainer drops it), by case (Windows and macOS file systems hold one file for both) or
-by Unicode form (NFC and NFD "café", or a full-width "ａｌｉｃｅ": different files on Linux, one entry lookalike in
+by Unicode form (NFC and NFD "café", or full-width letters: different files on Linux, one entry lookalike in
 the loader's list). Writing one of them where the other exists either replaces it or puts a lookalike beside it;
 both lose an identity, so such a collision is refused before anything trains (the trainer node, batch/).
 """
