@@ -108,11 +108,11 @@ def existing_identity(out_dir: Path, name: str) -> tuple[bool, str]:
     """(True, note) when --out holds a loadable identity for `name`, (False, "") when it holds none. A file that
     is there but cannot be read (damaged, a newer format version, a permission or I/O error) raises Unreadable:
     what cannot be read may still be someone's only copy, so it is never trained over."""
+    from sefi_core.identity import load_identity
     path = out_dir / f"{name}.safetensors"
     try:
         if not path.exists():
             return False, ""
-        from sefi_core.identity import load_identity
         load_identity(path)
     except Exception as exc:  # IdentityFileError, OSError, and anything else a file raises
         raise Unreadable(f"{path} exists but cannot be read ({type(exc).__name__}: {exc}); it is kept and this "

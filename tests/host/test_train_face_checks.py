@@ -11,21 +11,9 @@ import numpy as np
 import pytest
 
 
-def _args(**kw):
-    args = dict(name="facecheck", trigger="sks", steps=1, resolution=64, parametrisation="direct tokens", stages=1,
-                overwrite=True, checkpoint_every=0)
-    args.update(kw)
-    return args
+from .test_train_safety import _interrupted_run, _refused, _train
 
-
-def _train(host, sd15, images, **kw):
-    model, clip, vae = sd15
-    return host.run("SeFiTrainIdentity", model=model, clip=clip, vae=vae, images=images, **_args(**kw))
-
-
-def _refused(host, images, **kw):
-    """No model: only a refusal made before any work gives the expected error."""
-    return host.run("SeFiTrainIdentity", model=None, clip=None, vae=None, images=images, **_args(**kw))
+RUN = dict(name="facecheck", overwrite=True)
 
 
 @pytest.fixture
@@ -46,7 +34,7 @@ def test_photos_the_backend_cannot_look_at_are_refused_with_its_error(host, face
     broken(how)
     two_people = [face_photo("obama_1.jpg", 160), face_photo("biden_1.jpg", 160)]
     with pytest.raises(ValueError) as info:
-        _refused(host, two_people)
+        _refused(host, two_people, **RUN)
     message = str(info.value)
     assert f"could not be checked for one person: {where} (RuntimeError: the face model file is damaged)" in message
     assert "set allow_multiple_people to true" in message
@@ -55,29 +43,20 @@ def test_photos_the_backend_cannot_look_at_are_refused_with_its_error(host, face
 def test_the_opt_out_trains_without_the_checks_and_says_so(host, sd15, face_photo, broken, caplog):
     broken("unavailable")
     with caplog.at_level(logging.WARNING, logger="sefi"):
-        identity = _train(host, sd15, [face_photo("obama_1.jpg", 160)], allow_multiple_people=True)[0]
+        identity = _train(host, sd15, [face_photo("obama_1.jpg", 160)], allow_multiple_people=True, **RUN)[0]
     assert identity.training["steps_done"] == 1
     assert "could not be checked (no face backend can run" in caplog.text and "allow_multiple_people" in caplog.text
 
 
 def test_a_resume_whose_new_photos_cannot_be_checked_is_refused(host, sd15, pack, face_photo, broken):
     """The live case: a cancelled run resumed under a new name with another person's photo, the backend broken."""
-    train, hostmod = pack.glue("train"), pack.glue("host")
-
-    def cancel(step, total, loss, parts):
-        if step == 1:
-            hostmod.interrupt_current_processing(True)
-    train.PROGRESS_HOOKS.append(cancel)
-    try:
-        with pytest.raises(hostmod.InterruptProcessingException):
-            _train(host, sd15, face_photo("obama_1.jpg", 160), name="facecheck_cut", steps=3, keep_checkpoint=True)
-    finally:
-        train.PROGRESS_HOOKS.remove(cancel)
-    ckpt = train.checkpoint_dir() / "facecheck_cut.sefi-train"
+    ckpt = _interrupted_run(host, sd15, face_photo("obama_1.jpg", 160), pack, "facecheck_cut",
+                            keep_checkpoint=True)
     before = ckpt.read_bytes()
     broken("fails")
     with pytest.raises(ValueError, match=r"could not be checked for one person: the face backend failed"):
-        _refused(host, face_photo("biden_1.jpg", 160), name="facecheck_other", resume_from="facecheck_cut", steps=3)
+        _refused(host, face_photo("biden_1.jpg", 160), name="facecheck_other", resume_from="facecheck_cut", steps=3,
+                 overwrite=True)
     assert ckpt.read_bytes() == before
 
 
