@@ -56,5 +56,7 @@ def test_a_node_log_line_with_a_name_outside_cp1252_is_written(tmp_path):
                             capture_output=True, timeout=600)
     out, err = result.stdout.decode("cp1252", "replace"), result.stderr.decode("cp1252", "replace")
     assert result.returncode == 0 and "DONE" in out, f"{out[-3000:]}\n{err[-6000:]}"
+    # upstream's own interceptor where the host is upstream ComfyUI (COMFYUI_PATH), the replica on the PyPI host
+    assert ("LOGGER upstream" in out) == bool(os.environ.get("COMFYUI_PATH")), out[-3000:]
     assert "Logging error" not in err and "UnicodeEncodeError" not in err, err[-6000:]
     assert "\\u674e\\u5c0f\\u9f99: removed" in err and "left over from an interrupted write" in err, err[-6000:]
