@@ -24,6 +24,10 @@ STAMP := $(VENV)/.sefi-ready
 COMFY_CLI ?= comfy-cli==1.23.0
 COMFY_CLI_VENV ?= .venv-comfycli
 COMFY := DO_NOT_TRACK=1 $(COMFY_CLI_VENV)/bin/comfy --skip-prompt --no-json
+# A peer's pack checker (comfy-test from PyPI), in its own throwaway venv: `comfy-test lint` on the unpacked zip
+# (every .py file cp1252-encodable, for Windows consoles; no raw nn layers, autocast or .cuda() in pack code).
+COMFY_TEST ?= comfy-test==0.4.15
+COMFY_TEST_VENV ?= .venv-comfytest
 
 .PHONY: setup test validate demo serve tiny-checkpoints clean-venv browser
 
@@ -62,15 +66,24 @@ $(COMFY_CLI_VENV)/.ready-$(COMFY_CLI):
 	$(COMFY_CLI_VENV)/bin/python -m pip --disable-pip-version-check -q install "$(COMFY_CLI)" $(QUIET)
 	touch $@
 
+$(COMFY_TEST_VENV)/.ready-$(COMFY_TEST):
+	rm -rf $(COMFY_TEST_VENV)
+	$(PYTHON) -m venv $(COMFY_TEST_VENV)
+	$(COMFY_TEST_VENV)/bin/python -m pip --disable-pip-version-check -q install "$(COMFY_TEST)" $(QUIET)
+	touch $@
+
 # `comfy node validate` (what publishing runs; its security warnings fail here, as the Registry announces they
-# will), then `comfy node pack` and tools/check_pack.py on the zip it builds.
-validate: $(COMFY_CLI_VENV)/.ready-$(COMFY_CLI)
+# will), then `comfy node pack`, tools/check_pack.py on the zip it builds and comfy-test lint on it unpacked.
+validate: $(COMFY_CLI_VENV)/.ready-$(COMFY_CLI) $(COMFY_TEST_VENV)/.ready-$(COMFY_TEST)
 	$(COMFY) node validate </dev/null 2>&1 | tee $(COMFY_CLI_VENV)/validate.log
 	grep -q "All validation checks passed" $(COMFY_CLI_VENV)/validate.log
 	rm -f node.zip
 	$(COMFY) node pack </dev/null
 	mv node.zip $(COMFY_CLI_VENV)/node.zip
 	$(PYTHON) -m tools.check_pack $(COMFY_CLI_VENV)/node.zip
+	rm -rf $(COMFY_CLI_VENV)/node
+	$(PYTHON) -m zipfile -e $(COMFY_CLI_VENV)/node.zip $(COMFY_CLI_VENV)/node
+	$(COMFY_TEST_VENV)/bin/comfy-test lint $(COMFY_CLI_VENV)/node
 
 demo: setup
 	$(PY) -m tools.demo $(if $(CKPT),--checkpoint "$(CKPT)") $(DEMO_ARGS)

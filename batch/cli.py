@@ -4,8 +4,8 @@
 
 PEOPLE_DIR holds one sub-folder per person (the folder name becomes the identity's file name) with their photos.
 For each person the photos are uploaded to a server (POST /upload/image, so no shared input folder is needed)
-and one API-format graph is queued: LoadImage per photo → SeFiFaceMask (aligned face crop; a photo without a
-face fails the person) → ImageBatch → SeFiTrainIdentity with the graph's own checkpoint.
+and one API-format graph is queued: LoadImage per photo -> SeFiFaceMask (aligned face crop; a photo without a
+face fails the person) -> ImageBatch -> SeFiTrainIdentity with the graph's own checkpoint.
 
 Servers: every `--server URL` is fed from one shared queue (one thread per server). Without `--server` the
 embedded host is started here (`--local-servers N` of them, on free ports, stopped by PID at the end) with its
@@ -17,7 +17,9 @@ Engines: `--engine http` (the default) is the above. `--engine ray [--ray-addres
 Ray actors instead, each booting the host in-process once (batch/ray_engine.py; `pip install "sefi-ide[ray]"`).
 
 Resume: a person whose --out/<name>.safetensors exists and loads (sefi_core.identity.load_identity) is skipped.
-One failing person (no photos, an unreadable photo, no face, a training error) is reported and the others go on.
+One failing person (no photos, an unreadable photo, no face, a training error; an identity file in --out that
+cannot be read, which is kept; a folder name that is another person's or identity's spelled differently) is
+reported and the others go on.
 Exit codes: 0 all trained or skipped; 1 some failed; 2 bad arguments or folders; 3 no usable server (or, with
 --engine ray, no worker could start).
 """
@@ -31,6 +33,7 @@ from typing import Any
 
 from batch import http_engine
 from batch.people import Result, UsageError, settle_people, summary_table
+from sefi_core.console import tolerant_console
 from tools import embedded_host
 
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -125,6 +128,7 @@ def resolve_checkpoint(args: argparse.Namespace, local: bool) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tolerant_console()  # a person's name the console cannot show must not stop the batch
     args = parser().parse_args(argv)
     try:
         return run(args)

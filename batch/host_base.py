@@ -20,7 +20,7 @@ def _link(link: Path, target: Path) -> None:
 
 
 def local_base(out_dir: Path, models_dir: Path, checkpoint: Path) -> Path:
-    """A base folder for a self-started host: models/sefi_identities → --out, models/checkpoints holding the
+    """A base folder for a self-started host: models/sefi_identities -> --out, models/checkpoints holding the
     checkpoint, the other model folders of --models-dir (insightface, …) linked as they are."""
     base = Path(tempfile.mkdtemp(prefix="sefi-batch-"))
     models = base / "models"

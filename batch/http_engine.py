@@ -1,8 +1,8 @@
 """The HTTP engine of the batch trainer (`--engine http`, the default): ComfyUI servers fed from one queue.
 
 For each person the photos are uploaded to a server (POST /upload/image, so no shared input folder is needed)
-and one API-format graph is queued: LoadImage per photo → SeFiFaceMask (aligned face crop; a photo without a
-face fails the person) → ImageBatch → SeFiTrainIdentity with the graph's own checkpoint. Every `--server URL` is
+and one API-format graph is queued: LoadImage per photo -> SeFiFaceMask (aligned face crop; a photo without a
+face fails the person) -> ImageBatch -> SeFiTrainIdentity with the graph's own checkpoint. Every `--server URL` is
 fed from one shared queue (one thread per server); without `--server` embedded hosts are started here (see
 batch/cli.py).
 """
@@ -21,7 +21,8 @@ from typing import Any
 from batch import comfy_client
 from batch.host_base import UPLOAD_FOLDER, local_base, remove_base
 from batch.node_inputs import OPTIONS_NODE, combo_choices, input_names, split_options, widget_defaults
-from batch.people import CannotResume, Person, Result, UsageError, existing_identity, log, resume_plan
+from batch.people import (CannotResume, Person, Result, UsageError, log, resume_plan, settled_since,
+                          trained_identity)
 from tools import embedded_host
 
 
@@ -160,6 +161,10 @@ def prepare_server(server: Server, checkpoint: str) -> None:
 def train_person(server: Server, person: Person, args: argparse.Namespace, train_inputs: dict[str, Any],
                  out_dir: Path, label: str) -> Result:
     start = time.monotonic()
+    settled = settled_since(out_dir, person)
+    if settled is not None:
+        settled.server = label
+        return settled
     try:  # a run cut off earlier continues from its checkpoint (--out is the server's sefi_identities folder)
         resume, note = resume_plan(out_dir, person.name, int(train_inputs["steps"]))
     except CannotResume as exc:
@@ -192,11 +197,11 @@ def train_person(server: Server, person: Person, args: argparse.Namespace, train
     except (urllib.error.URLError, ConnectionError) as exc:
         raise ServerGone(str(exc)) from exc
     seconds = time.monotonic() - start
-    valid, note = existing_identity(out_dir, person.name)
-    if not valid:
+    problem = trained_identity(out_dir, person.name)
+    if problem:
         where = out_dir / f"{person.name}.safetensors"
         return Result(person.name, "failed", seconds,
-                      f"trained on {server.url}, but {where} is {'not valid: ' + note if note else 'missing'}: --out "
+                      f"trained on {server.url}, but {where} is {problem}: --out "
                       "must be that server's models/sefi_identities folder (shared disk); the file is in the "
                       "server's own folder", label)
     return Result(person.name, "trained", seconds, f"{person.name}.safetensors", label)

@@ -38,7 +38,7 @@ names the trainer's own inputs."""
 
 
 def split_options(train: dict[str, Any], options_info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The trainer's inputs as a batch job gives them (its own and its options' alike) → (the trainer's own inputs,
+    """The trainer's inputs as a batch job gives them (its own and its options' alike) -> (the trainer's own inputs,
     SeFi Training Options' inputs with its widget defaults filled in)."""
     names = input_names(options_info)
     own = {k: v for k, v in train.items() if k not in names}

@@ -38,7 +38,8 @@ import ray.exceptions
 
 from batch.host_base import UPLOAD_FOLDER, local_base, remove_base
 from batch.node_inputs import OPTIONS_NODE, input_names, widget_defaults
-from batch.people import CannotResume, Person, Result, UsageError, existing_identity, log, resume_plan
+from batch.people import (CannotResume, Person, Result, UsageError, log, resume_plan, settled_since,
+                          trained_identity)
 from tools import embedded_host
 
 OBJECT_STORE_BYTES = 128 * 2**20  # only small dicts travel through it; Ray's minimum is 75 MiB
@@ -46,7 +47,7 @@ POLL_SECONDS = 0.1
 WORKER_START_TIMEOUT = 15 * 60  # a replacement that cannot be placed (no free GPU left) gives up after this
 
 WATCH_HOOKS: list[Callable[["RayJob"], None]] = []
-"""Callables run by the driver on every poll with the running job (its `running()` people → worker handles);
+"""Callables run by the driver on every poll with the running job (its `running()` people -> worker handles);
 for tests and fault drills, e.g. ray.kill of a worker."""
 
 
@@ -224,7 +225,7 @@ class RayJob:
         self.workers[label] = Worker(label, handle, handle.describe.remote())
 
     def running(self) -> dict[str, Any]:
-        """person name → the handle of the worker training them now."""
+        """person name -> the handle of the worker training them now."""
         return {task.person.name: self.workers[label].handle for label, task in self.in_flight.values()}
 
     def _dispatch(self) -> None:
@@ -232,11 +233,17 @@ class RayJob:
             label = self.idle.pop(0)
             task = self.pending.popleft()
             name = task.person.name
-            if task.losses and existing_identity(self.out_dir, name)[0]:
+            if task.losses and not trained_identity(self.out_dir, name):
                 # the lost worker had saved the identity before it died: done, not trained twice
                 self.idle.append(label)
                 self._finish(task, Result(name, "trained", time.monotonic() - task.started,
                                           f"{name}.safetensors (saved before its worker was lost)", task.worker))
+                continue
+            settled = settled_since(self.out_dir, task.person)
+            if settled is not None:
+                self.idle.append(label)
+                settled.server = label
+                self._finish(task, settled)
                 continue
             try:
                 resume, note = resume_plan(self.out_dir, name, int(self.train_inputs["steps"]))
@@ -306,11 +313,11 @@ class RayJob:
         seconds = time.monotonic() - task.started
         self.idle.append(label)
         if out["status"] == "trained":
-            valid, note = existing_identity(self.out_dir, name)
-            if not valid:
+            problem = trained_identity(self.out_dir, name)
+            if problem:
                 out = {"status": "failed", "message": (
                     f"trained on {label}, but {self.out_dir / (name + '.safetensors')} is "
-                    f"{'not valid: ' + note if note else 'missing'}: --out must be a folder every Ray node sees at "
+                    f"{problem}: --out must be a folder every Ray node sees at "
                     "the same path (shared storage)")}
         if out["status"] == "trained":
             first = out.get("first_step")

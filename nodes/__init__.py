@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 from . import edges, evaluation, faces, host, identity, train, train_options, widget_layouts
+from ..sefi_core.console import guard_logger
 
 host.register_model_folder(host.IDENTITY_FOLDER, host.IDENTITY_EXTENSIONS)
+for _logger in (train.log, faces.log, evaluation.log):  # the host writes log lines with strict errors
+    guard_logger(_logger)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {**faces.NODE_CLASS_MAPPINGS, **identity.NODE_CLASS_MAPPINGS,
                                         **train.NODE_CLASS_MAPPINGS, **train_options.NODE_CLASS_MAPPINGS,

@@ -183,7 +183,7 @@ def type_error(node_name: str, input_name: str, kind: str, value: Any) -> TypeEr
 
 
 def checked_inputs(node_class: type, node_name: str, values: Mapping[str, Any]) -> dict[str, Any]:
-    """`values` (input name → value) checked against the types `node_class` declares: BOOLEAN inputs come back as
+    """`values` (input name -> value) checked against the types `node_class` declares: BOOLEAN inputs come back as
     bools (as_boolean); a value of another type raises TypeError naming the node, the input and what it got (the
     value of a list of choices must be text; whether it is one of them the node itself says); a number outside the
     declared min/max (or not finite) raises ValueError naming the input and its range. With INPUT_IS_LIST, every

@@ -4,7 +4,7 @@ SeFi's stages are defined on DDPM's 1000 discrete training timesteps (stage = fl
 diffusion loss on an eps or v target. Both hold only for a discrete DDPM schedule with 1000 steps and eps or
 v prediction (SD1.x, SD2.x, SDXL, and those models with zero-terminal-SNR). Anything else would be trained on
 the wrong target or collapse every sampling step into one stage without a word — EDM's timestep() is
-0.25·ln σ, a flow model's is σ·1000 on another schedule — so it is refused with a message instead.
+0.25·ln(sigma), a flow model's is sigma·1000 on another schedule — so it is refused with a message instead.
 
 The host composes model_sampling as a class with a schedule base and a prediction mix-in (both hosts,
 and the ModelSampling* nodes do the same); they are read here by class name along the MRO, so no host

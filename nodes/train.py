@@ -37,6 +37,7 @@ from .training import (DTYPE_NAMES, PRECISION_CHOICES, SefiStep, TextEncoder, at
 from .training_photos import check_one_person, compare_with_checkpoint, drop_faceless, photo_records, survey
 from ..sefi_core.generator import build_generator, rebuild_generator
 from ..sefi_core.identity import Identity, save_identity
+from ..sefi_core.identity_names import identity_file
 from ..sefi_core.plot import render_loss_curve, term_shares
 from ..sefi_core.token_scale import TokenScaleError
 from ..sefi_core.tokens import check_trigger_apart_from_templates
@@ -197,7 +198,7 @@ class SeFiTrainIdentity:
         watch = dataclasses.replace(watch, stop_on_failure=bool(opt.stop_on_watch_failure))
         model, clip, vae = _one(model), _one(clip), _one(vae)
         name = check_name(name)  # names, files and resume_from are checked before the model is touched
-        out_path = identity_dir() / f"{name}.safetensors"
+        out_path = identity_file(identity_dir(), name)  # refuses another spelling of an existing identity
         ckpt_path = checkpoint_dir() / f"{name}{CHECKPOINT_SUFFIX}"
         remove_stale_temp_files([out_path, ckpt_path], name)  # this name's debris, whatever is refused next
         if out_path.exists() and not opt.overwrite:

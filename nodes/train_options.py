@@ -56,7 +56,7 @@ OPTION_INPUTS: Mapping[str, tuple] = MappingProxyType({
                        "the paper's face-wise loss (maps of the trigger follow those of 'person'); mask: pull "
                        "attention into the face mask; off."}),
     "attention_weight": ("FLOAT", {"default": _setting_default("attention_weight"), "min": 0.0, "max": 1000.0,
-                                   "step": 0.001, "tooltip": "λ of the attention loss (paper: 0.003)."}),
+                                   "step": 0.001, "tooltip": "The attention loss's weight lambda (paper: 0.003)."}),
     "loss_sites": (list(LOSS_SITES), {"default": _setting_default("loss_sites"), "tooltip": "Cross-attention "
                    "resolutions the attention loss reads: quarter = latent/4 (16×16 at 512 px), quarter+half adds "
                    "latent/2, all."}),

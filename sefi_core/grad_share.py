@@ -2,9 +2,9 @@
 
 A loss value says little about a regulariser's effect — the attention term can be 1e-7 of the total and still
 move the tokens, or be sizeable and move nothing. What decides is the gradient each term sends to the trainable
-parameters. ``share_i = ||∇θ term_i|| / Σ_j ||∇θ term_j||`` (each term already weighted, e.g. λ·L_attn) is
-logged at the training node's log steps and drawn on its loss curve, so a run on a real checkpoint shows
-whether the attention term matters at the chosen λ.
+parameters. ``share_i = ||grad_theta term_i|| / sum_j ||grad_theta term_j||`` (each term already weighted,
+e.g. lambda·L_attn) is logged at the training node's log steps and drawn on its loss curve, so a run on a real
+checkpoint shows whether the attention term matters at the chosen lambda.
 """
 
 from __future__ import annotations

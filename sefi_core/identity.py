@@ -58,6 +58,9 @@ _SUFFIX = ".safetensors"
 _MAX_FILE_BYTES = 64 * 2**20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TI_KEYS = frozenset({"clip_l", "clip_g", "emb_params", "string_to_param"})
+# str.isdigit() also accepts superscripts and other digit signs ("²") that int() refuses: metadata numbers are
+# plain ASCII decimal digits only.
+_ASCII_DIGITS = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True, eq=False)
@@ -383,7 +386,7 @@ def _check_metadata(
             "pick an identity file saved by SeFi-IDE",
         )
     if version != FORMAT_VERSION:
-        if version.isdigit() and int(version) > int(FORMAT_VERSION):
+        if _ASCII_DIGITS.fullmatch(version) and int(version) > int(FORMAT_VERSION):
             raise IdentityFileError(
                 path, f"the file uses identity format {version}, newer than this SeFi-IDE reads ({FORMAT_VERSION})",
                 "update the SeFi-IDE node pack",
@@ -417,7 +420,7 @@ def _check_metadata(
 
 def _int_metadata(path: Path, metadata: Mapping[str, str], key: str, maximum: int) -> int:
     raw = metadata.get(key, "")
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+    if not _ASCII_DIGITS.fullmatch(raw) or not 1 <= int(raw) <= maximum:
         raise IdentityFileError(path, f"metadata {key} is {raw!r}; expected an integer from 1 to {maximum}", _RESAVE)
     return int(raw)
 

@@ -188,7 +188,7 @@ def reference_attention_loss(
       and tokens — a map is compared as a whole picture, so the term does not shrink as the
       grid grows. ``"mean"`` also averages over the queries (plain MSE; nq times smaller: 256 on
       SD1.5's 16×16 sites). docs/method.md says why sum_spatial is the default and what
-      gradient share it gives λ = 0.003. No max-normalisation (both maps are softmaxes over the
+      gradient share it gives lambda = 0.003. No max-normalisation (both maps are softmaxes over the
       same keys with the same queries),
     * sites are weighted equally (mean over sites, whatever their resolution).
 

@@ -1,6 +1,6 @@
 """Loss-curve picture for the training node's IMAGE output.
 
-Diffusion losses are dominated by timestep noise (a step at t≈999 and one at t≈10 differ by
+Diffusion losses are dominated by timestep noise (a step at t~999 and one at t~10 differ by
 orders of magnitude), so the raw curve alone says little. The plot draws the raw values
 faintly and an exponential moving average on top, and sets the y range from the bulk of the
 data (1st–99th percentile) so a single spike does not flatten everything else. Where the run

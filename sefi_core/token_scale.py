@@ -2,8 +2,8 @@
 
 A diverged run can leave tokens that are finite but enormous (~1e30): every check for NaN/Inf passes, the
 identity loads, and sampling "succeeds" with an all-black picture (the text encoder overflows on them). The
-yardstick is the text encoder's own embedding table — the mean length of its word vectors (≈0.39 for CLIP-L, whose
-components have a standard deviation of ≈0.014) — never a constant, since models differ in scale. A trained token
+yardstick is the text encoder's own embedding table — the mean length of its word vectors (~0.39 for CLIP-L, whose
+components have a standard deviation of ~0.014) — never a constant, since models differ in scale. A trained token
 may grow well past the words it started from; one a thousand times longer than an average word is not a learned
 identity but the trace of a diverged run.
 """

@@ -75,7 +75,7 @@ class StepFn(Protocol):
     augmentation, timestep, noise; draw on CPU, then ``.to(device)``). ``step``: 0-based.
 
     Returns ``(loss, parts)`` or ``(loss, parts, terms)``: ``terms`` maps each weighted loss term
-    (summing to ``loss``, e.g. ``{"diffusion": d, "attention": λ·a}``) to its tensor, so the loop
+    (summing to ``loss``, e.g. ``{"diffusion": d, "attention": lambda·a}``) to its tensor, so the loop
     can log each term's share of the gradient (:mod:`sefi_core.grad_share`). ``loss`` a 0-dim
     tensor connected to ``tokens`` (the loop calls
     ``backward`` on it), ``parts`` plain floats for logging (e.g. ``{"diffusion": …,
@@ -97,7 +97,7 @@ class TrainSettings:
     The loop reads the optimisation fields; the model fields (``attention_*``, ``loss_sites``,
     ``masked_diffusion``, ``templates``, ``reference_word``, augmentation, ``resolution``,
     ``precision``) are read by the glue's ``step_fn``. Defaults follow method.md §2.3/§2.4
-    (ProSpect's step count and learning rate, λ = 0.003, 16×16-level sites).
+    (ProSpect's step count and learning rate, lambda = 0.003, 16×16-level sites).
     """
 
     steps: int = 600
@@ -118,7 +118,7 @@ class TrainSettings:
     """"reference": the paper's face-wise loss (maps vs the "person" prompt's); "mask": pull
     the identity token's attention into a face mask (FastComposer style); "off"."""
     attention_weight: float = 0.003
-    """λ (paper: 0.003 is best). Its effect depends on the loss reduction; log both terms."""
+    """lambda (paper: 0.003 is best). Its effect depends on the loss reduction; log both terms."""
     mask_loss_mode: str = "balanced_l1"
     loss_sites: str = "quarter"
     """Cross-attention sites the attention loss reads, by resolution relative to the latent:
@@ -399,13 +399,13 @@ def run_training(
 
     Per step ``i`` (0-based, from ``start_state.step`` or 0):
 
-    1. ``should_stop()`` → if true: checkpoint (unless just saved) and return
+    1. ``should_stop()`` -> if true: checkpoint (unless just saved) and return
        ``TrainResult(interrupted=True)``;
     2. ``torch.manual_seed(step_seed(seed, i, "global"))``; ``rng`` seeded with
        ``step_seed(seed, i, "data")``;
     3. ``tokens = generator()`` (train mode, dropout on); ``loss, parts = step_fn(tokens, rng, i)``;
-    4. NaN/inf loss → :class:`TrainingDivergedError` (nothing saved, parameters untouched);
-    5. backward, gradient-norm check (NaN/inf → same error) and clipping, AdamW step; with
+    4. NaN/inf loss -> :class:`TrainingDivergedError` (nothing saved, parameters untouched);
+    5. backward, gradient-norm check (NaN/inf -> same error) and clipping, AdamW step; with
        ``precision="fp16"`` the loss is scaled before backward (:mod:`sefi_core.loss_scale`) and
        a step whose scaled gradient overflowed is skipped with the scale halved (an error only
        once the scale falls below 1);

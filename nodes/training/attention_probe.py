@@ -11,7 +11,7 @@ from .sefi_step import SefiStep
 from ...sefi_core.attention_picture import face_maps, render_attention_picture
 
 PROBE_TIMESTEP_FRACTION = 0.5
-"""Mid-schedule: the face's layout is set there, and the maps are neither noise (t≈1000) nor detail (t≈0)."""
+"""Mid-schedule: the face's layout is set there, and the maps are neither noise (t~1000) nor detail (t~0)."""
 
 
 def probe_maps(step_fn: SefiStep, tokens: dict[str, Tensor], seed: int) -> list[tuple[Tensor, Tensor]]:

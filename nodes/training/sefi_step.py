@@ -20,7 +20,7 @@ from ...sefi_core.training import TrainSettings
 
 
 def fit_image(image: Tensor, resolution: int) -> Tensor:
-    """[H, W, C] or [B, H, W, C] → [B, res, res, C]: shorter side resized to `resolution`, centre crop."""
+    """[H, W, C] or [B, H, W, C] -> [B, res, res, C]: shorter side resized to `resolution`, centre crop."""
     x = image if image.dim() == 4 else image[None]
     x = x.movedim(-1, 1).float()
     h, w = x.shape[-2:]

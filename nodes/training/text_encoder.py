@@ -27,15 +27,15 @@ class PromptTokens:
     ids: list[int]            # 77 token ids of the rewritten prompt (placeholders in place), clip_l's tokenizer
     slots: list[int]          # positions of the identity vectors 0..n-1, in order
     eos: int                  # position of the first end token
-    by_encoder: dict = None   # encoder name → (ids, slots) for every encoder of the family (SDXL: clip_g too)
+    by_encoder: dict = None   # encoder name -> (ids, slots) for every encoder of the family (SDXL: clip_g too)
 
 
 class _ClipRunner:
     """One of the host's CLIP text encoders (an SDClipModel) run by hand.
 
-    token_embedding(ids) with the identity positions replaced (index_put, out-of-place) + position embedding →
+    token_embedding(ids) with the identity positions replaced (index_put, out-of-place) + position embedding ->
     the encoder layers up to the layer the host's SDClipModel would use (`layer`/`layer_idx` of the model's own
-    configuration, honouring CLIPSetLastLayer) → final_layer_norm (if `layer_norm_hidden_state`), with a causal
+    configuration, honouring CLIPSetLastLayer) -> final_layer_norm (if `layer_norm_hidden_state`), with a causal
     mask and out-of-place residuals."""
 
     def __init__(self, clip, enc, key: str):
@@ -87,7 +87,7 @@ class TextEncoder:
     """The host's CLIP run by hand so that spliced vectors get gradients, on both hosts.
 
     SD1: clip_l alone. SDXL: clip_l and clip_g each run by hand with its own configuration (both read hidden layer
-    -2 without the final norm in the stock SDXLClipModel) and concatenated [clip_l | clip_g] → [B, 77, 2048], as
+    -2 without the final norm in the stock SDXLClipModel) and concatenated [clip_l | clip_g] -> [B, 77, 2048], as
     SDXLClipModel.encode_token_weights does. Equal to `clip.encode_from_tokens` for the same spliced tokens
     (tested for both families)."""
 
@@ -142,12 +142,12 @@ class TextEncoder:
 
     def encode(self, ids: Tensor, slots: Sequence[int] | None = None, vectors: Tensor | None = None,
                encoder: str = "clip_l") -> Tensor:
-        """One encoder: ids [B, 77] long; vectors [B, n, C] for positions `slots` → [B, 77, C] float32."""
+        """One encoder: ids [B, 77] long; vectors [B, n, C] for positions `slots` -> [B, 77, C] float32."""
         return self.runners[encoder].run(ids, slots, vectors)
 
     def encode_prompt(self, prompt: PromptTokens, vectors: dict[str, Tensor]) -> Tensor:
-        """The prompt with vectors[encoder] ([B, n, C_enc]) at its identity slots in every encoder → the model's
-        context [B, 77, ΣC] (SDXL: [clip_l | clip_g]). All B rows go through each encoder in one forward."""
+        """The prompt with vectors[encoder] ([B, n, C_enc]) at its identity slots in every encoder -> the model's
+        context [B, 77, sum of the C] (SDXL: [clip_l | clip_g]). All B rows go through each encoder in one forward."""
         outs = []
         for name, runner in self.runners.items():
             ids, slots = prompt.by_encoder[name]
@@ -161,7 +161,7 @@ def align_columns(target: PromptTokens, reference: Sequence[int], ref_slots: Seq
                   eos_ref: int) -> tuple[list[int], list[int]]:
     """Pair the training prompt's key columns with the reference prompt's (settings.attention_tokens).
 
-    "identity": identity slots ↔ the reference word's slots; "words_eos": every position 1..first EOS, the
+    "identity": identity slots <-> the reference word's slots; "words_eos": every position 1..first EOS, the
     identity slots paired with the reference word (repeated/truncated when the piece counts differ) and the
     words around it paired in order; "all": all 77 positions (only when the two prompts align one to one)."""
     n, m = len(target.slots), len(ref_slots)

@@ -53,7 +53,7 @@ class UnetStep:
             self.clone.set_model_attn2_replace(self._replace, key[0], key[1], key[2])
 
     def _discover(self, context_dim: int) -> dict[tuple, int]:
-        """Run one no-grad forward with a spy to read the cross-attention sites (key → query count)."""
+        """Run one no-grad forward with a spy to read the cross-attention sites (key -> query count)."""
         found: dict[tuple, int] = {}
         self.st.spy = found
         try:

@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..atomic import atomic_write_bytes, atomic_write_text
+from ..console import tolerant_console
 from ..faces import FaceBackendUnavailable, resolve_backend_name
 from ..faces.backends import insightface_backend
 from .face_identity import BACKENDS, REFERENCE_MODES, evaluate
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    tolerant_console()  # a file or person name the console cannot show must not stop the run
     args = _parser().parse_args(argv)
     try:
         return _run(args)

@@ -322,6 +322,25 @@ def test_sizes_out_of_range(tmp_path: Path, key: str, value: str) -> None:
     assert f"metadata {key} is '{value}'; expected an integer from 1 to" in message
 
 
+@pytest.mark.parametrize("key", ["sefi.stages", "sefi.vectors_per_token"])
+@pytest.mark.parametrize("value", ["\u00b2", "\u0663", "\uff15"])  # superscript two, Arabic-Indic three, fullwidth five
+def test_non_ascii_digits_in_sizes_name_file_and_key(tmp_path: Path, key: str, value: str) -> None:
+    """str.isdigit() accepts these but int() may not (or reads them as another number): a clear file error."""
+    tensors, meta = _parts(tmp_path)
+    meta[key] = value
+    path = _write(tmp_path, tensors, meta)
+    message = _load_error(path)
+    assert str(path) in message and f"metadata {key} is {value!r}; expected an integer from 1 to" in message
+
+
+def test_superscript_format_version_is_a_clear_error(tmp_path: Path) -> None:
+    tensors, meta = _parts(tmp_path)
+    meta["sefi.format_version"] = "\u00b2"
+    path = _write(tmp_path, tensors, meta)
+    message = _load_error(path)
+    assert str(path) in message and "unknown identity format version '\u00b2'" in message
+
+
 def test_family_mismatch_sdxl_tensors_sd1_metadata(tmp_path: Path) -> None:
     tensors, meta = _parts(tmp_path, "sdxl")
     meta["sefi.family"] = "sd1"

@@ -136,9 +136,9 @@ def test_settled_without_a_server(tmp_path, people, capsys):
     (people / "broken").mkdir()
     (people / "broken" / "x.jpg").write_bytes(b"not a jpeg")
     (people / "empty").mkdir()
-    (out / "biden.safetensors").write_bytes(b"junk")  # invalid: must be trained again, not skipped
-    valid, note = batch_people.existing_identity(out, "biden")
-    assert not valid and "not valid" in note
+    (out / "biden.safetensors").write_bytes(b"junk")  # unreadable is not absent: refused and kept, not trained over
+    with pytest.raises(batch_people.Unreadable, match="cannot be read .*it is kept"):
+        batch_people.existing_identity(out, "biden")
     problems = {p.name: batch_people.check_photos(p) for p in batch_people.find_people(people)}
     assert "x.jpg is not a readable image" in problems["broken"] and "no photos" in problems["empty"]
     assert problems["obama"] == problems["biden"] == ""
@@ -147,7 +147,8 @@ def test_settled_without_a_server(tmp_path, people, capsys):
     captured = capsys.readouterr()
     assert rc == cli.EXIT_NO_SERVER and "does not answer" in captured.out + captured.err
     rows = _rows(captured.out)
-    assert rows["broken"][1] == rows["empty"][1] == rows["obama"][1] == "failed"
+    assert rows["broken"][1] == rows["empty"][1] == rows["obama"][1] == rows["biden"][1] == "failed"
+    assert "it is kept" in rows["biden"][4] and (out / "biden.safetensors").read_bytes() == b"junk"
 
 
 def test_graph_shape_and_usage_errors(tmp_path, capsys):
