@@ -246,7 +246,7 @@ def check_graph_inputs(node_class: type, node_name: str, prompt: Any, node_id: A
                        belongs_elsewhere: Mapping[str, str] | None = None) -> None:
     """Refuse inputs that the graph sets on this node but the node does not take. The hosts drop them without a
     word, so an API graph written for an earlier layout (a setting that moved to another node) would run with that
-    setting's default. `belongs_elsewhere`: input name → where it belongs now (named in the message). Without the
+    setting's default. `belongs_elsewhere`: input name -> where it belongs now (named in the message). Without the
     graph (a Python caller) there is nothing to check."""
     node = prompt.get(str(node_id)) if isinstance(prompt, Mapping) and node_id is not None else None
     inputs = node.get("inputs") if isinstance(node, Mapping) else None

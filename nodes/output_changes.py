@@ -17,9 +17,9 @@ from pathlib import Path
 
 _lock = threading.Lock()
 _written: dict[str, tuple[str, str]] = {}
-"""file → (its fingerprint right after this process wrote it, the change value from before that run)."""
+"""file -> (its fingerprint right after this process wrote it, the change value from before that run)."""
 _last_file_of_node: dict[str, str] = {}
-"""node id → the file its last run wrote (for a node whose name input is linked: IS_CHANGED sees no value)."""
+"""node id -> the file its last run wrote (for a node whose name input is linked: IS_CHANGED sees no value)."""
 
 
 def fingerprint(path: Path) -> str:

@@ -120,7 +120,7 @@ def check_entry(node_class: type, node_name: str, values: Mapping[str, Any], pro
                 moved: Mapping[str, tuple]) -> None:
     """What the trainer checks first, from its inputs as they arrive (INPUT_IS_LIST: each a list): the graph's
     own view of this node (settings it does not take, values of an earlier widget layout), the options socket,
-    the trigger. `moved`: SeFi Training Options' inputs (name → spec), where the trainer's other settings went."""
+    the trigger. `moved`: SeFi Training Options' inputs (name -> spec), where the trainer's other settings went."""
     one = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in values.items()}
     check_graph(node_class, node_name, _one(prompt), _one(node_id), list(moved))
     check_widget_layout(node_class, node_name, one, moved)

@@ -106,7 +106,7 @@ def _fits_earlier(spec: tuple, value: Any) -> bool:
 
 def stale_layout_message(node_class: type, node_name: str, values: Mapping[str, Any],
                          earlier_specs: Mapping[str, tuple] | None = None) -> str | None:
-    """The refusal for `values` (widget name → value, as the graph gives them) when they come from an earlier
+    """The refusal for `values` (widget name -> value, as the graph gives them) when they come from an earlier
     layout of the node; None when they do not. Links and absent values decide nothing. `earlier_specs`: the specs
     of widget names the node no longer has (settings that moved to another node)."""
     layouts = EARLIER_LAYOUTS.get(getattr(node_class, "__name__", ""), ())
@@ -147,7 +147,7 @@ def refuse_stale_layouts(json_data: dict, classes: Mapping[str, type], earlier_s
     """Prompt handler: in an API prompt, a node of `classes` whose widget values come from an earlier layout gets
     one of its numeric widget values replaced by a RefusedValue carrying the message, which the host's validation
     refuses naming the node (both hosts convert their required INT/FLOAT values with int()/float()). `names`:
-    class type → display name. Returns json_data (changed in place)."""
+    class type -> display name. Returns json_data (changed in place)."""
     prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
     if not isinstance(prompt, dict):
         return json_data
