@@ -467,7 +467,9 @@ def _size(sockets: int, outputs: int, widgets: list[tuple[str, Any, dict]],
             width = 420
         else:
             height += 24 * (2 if extra_widget_value(name, kind, options)[0] else 1)
-    if node_type in ("LoadImage", "PreviewImage", "SaveImage"):
+    # Room for the picture the node draws below its widgets: the image it shows or loads. Every frontend draws it
+    # inside the node's saved size if it fits; the 1.5x frontend grows a node that is too short (over the next).
+    if node_type in ("PreviewImage", "SaveImage") or any(options.get("image_upload") for _, _, options in widgets):
         height += 260
         width = max(width, 300)
     return [width, height]
