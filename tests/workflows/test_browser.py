@@ -411,9 +411,11 @@ WATCH_NODE = """async (id) => {
 
 OUTPUT_IMAGES = """(ids) => ids.map(id => (window.app.nodeOutputs?.[String(id)]?.images || []).map(i => i.filename))"""
 
+# placed right of the graph: over another node it would hide that one in the finished screenshot
 ADD_LOADER = """() => {
+    const nodes = window.app.graph._nodes || window.app.graph.nodes;
     const node = window.LiteGraph.createNode('SeFiLoadIdentity');
-    node.pos = [40, 40];
+    node.pos = [Math.max(...nodes.map(n => n.pos[0] + n.size[0])) + 60, 60];
     window.app.graph.add(node);
     return node.id;
 }"""
