@@ -29,7 +29,7 @@ COMFY := DO_NOT_TRACK=1 $(COMFY_CLI_VENV)/bin/comfy --skip-prompt --no-json
 COMFY_TEST ?= comfy-test==0.4.15
 COMFY_TEST_VENV ?= .venv-comfytest
 
-.PHONY: setup test validate demo serve tiny-checkpoints clean-venv browser
+.PHONY: setup test validate demo serve tiny-checkpoints clean-venv browser screenshots
 
 setup: $(STAMP)
 
@@ -48,6 +48,9 @@ endif
 	$(PIP) install --no-deps --target $(VENV)/insightface-0.7.3 insightface==0.7.3 $(QUIET)
 	$(PY) -c "import torch, safetensors, dlib, face_recognition_models, pytest, insightface.app"
 	$(MAKE) --no-print-directory browser
+ifdef COMFYUI_PATH
+	$(PY) -m tools.frontends  # the newest comfyui-frontend-package, the browser test's second frontend
+endif
 	touch $(STAMP)
 
 # Debian's Chromium for the real-browser test of the workflows (Playwright drives it; no browser download).
@@ -55,7 +58,11 @@ browser:
 	@if command -v chromium >/dev/null; then true; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	else echo "chromium is not installed and this user cannot apt-get it: the browser test will be skipped"; fi
+	else echo "chromium is not installed and this user cannot apt-get it: the browser test will be skipped (it fails under CI=true)"; fi
+
+# The README's pictures (docs/screenshots) from the newest frontend; upstream only: make screenshots COMFYUI_PATH=…
+screenshots: setup
+	$(PY) -m tools.screenshots
 
 test: setup validate
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)

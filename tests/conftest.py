@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -163,9 +164,22 @@ def server(tmp_path_factory, tiny_sd15):
     """A real ComfyUI server headless on 127.0.0.1 (free port, --cpu) with this pack in its custom nodes."""
     base = tmp_path_factory.mktemp("comfy-server")
     _link_model(base / "models" / "checkpoints", tiny_sd15)
+    with running_server(base) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """`with start_server(base, extra_args) as handle:` a server of the caller's own on `base` (see running_server)."""
+    return running_server
+
+
+@contextmanager
+def running_server(base: Path, extra_args: tuple[str, ...] = ()):
+    """Start a server on `base` (see `server`), with `extra_args` appended to its command line; stop it after."""
     port = comfy_client.free_port()
     log = open(base / "server.log", "wb")
-    proc = subprocess.Popen(embedded_host.server_command(base, port), cwd=REPO_ROOT, stdout=log,
+    proc = subprocess.Popen([*embedded_host.server_command(base, port), *extra_args], cwd=REPO_ROOT, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -174,10 +188,11 @@ def server(tmp_path_factory, tiny_sd15):
         comfy_client.stop(proc)
         log.close()
         pytest.fail(f"{err}\n--- server log ---\n{(base / 'server.log').read_text(errors='replace')[-6000:]}")
-    handle = ServerHandle(proc=proc, client=comfy_client.ComfyClient(url), base_dir=base)
-    yield handle
-    comfy_client.stop(proc)
-    log.close()
+    try:
+        yield ServerHandle(proc=proc, client=comfy_client.ComfyClient(url), base_dir=base)
+    finally:
+        comfy_client.stop(proc)
+        log.close()
 
 
 class ServerHandle:

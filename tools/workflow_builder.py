@@ -309,6 +309,8 @@ def multiview() -> Workflow:
                        strength=1.0, start_percent=0.0, end_percent=1.0)
         samples.append(_sampler(wf, 2, apply[0], apply[1], neg[0], latent[0], title=f"KSampler: {title}"))
     batch = samples[0][0]
+    # LatentBatch, though frontend 1.58 labels it deprecated: its successor (BatchLatentsNode) is in neither tested
+    # host, upstream 0.3.64 nor PyPI 0.0.1 (workflows/README.md). The same in 07.
     for sample in samples[1:]:
         batch = wf.add("LatentBatch", col=3, samples1=batch, samples2=sample[0])[0]
     image = wf.add("VAEDecode", col=4, samples=batch, vae=ckpt[2])
@@ -467,7 +469,9 @@ def _size(sockets: int, outputs: int, widgets: list[tuple[str, Any, dict]],
             width = 420
         else:
             height += 24 * (2 if extra_widget_value(name, kind, options)[0] else 1)
-    if node_type in ("LoadImage", "PreviewImage", "SaveImage"):
+    # Room for the picture the node draws below its widgets: the image it shows or loads. Every frontend draws it
+    # inside the node's saved size if it fits; the 1.5x frontend grows a node that is too short (over the next).
+    if node_type in ("PreviewImage", "SaveImage") or any(options.get("image_upload") for _, _, options in widgets):
         height += 260
         width = max(width, 300)
     return [width, height]
