@@ -542,15 +542,15 @@ def test_a_person_watches_training_in_the_web_ui(ui, browser_server, screenshot_
 OLD_01 = embedded_host.REPO_ROOT / "tests" / "data" / "workflows" / "01_train_identity.before_options.json"
 
 
-def test_a_workflow_saved_with_an_earlier_layout_is_refused_when_queued(ui, server):
+def test_a_workflow_saved_with_an_earlier_layout_is_refused_when_queued(ui, browser_server):
     """The first workflows/01 (every setting on the trainer) loads its values shifted into today's trainer
     (resolution=5, sample_prompt='self-attention generator'): what Queue sends is refused, saying what to do
     (issue 33), instead of running on shifted values or failing on one widget's range."""
     from batch.comfy_client import PromptFailed
-    ui.load(json.loads(OLD_01.read_text()), "01_old_layout", expect_missing=False)
+    ui.load(json.loads(OLD_01.read_text()), "01_old_layout")
     output = ui.page.evaluate("async () => (await window.app.graphToPrompt()).output")
     trainer = next(node for node in output.values() if node["class_type"] == "SeFiTrainIdentity")
     assert trainer["inputs"]["resolution"] == 5 and trainer["inputs"]["sample_prompt"] == "self-attention generator"
     with pytest.raises(PromptFailed, match=r"saved with the layout it had before SeFi Training Options existed.*"
                                            r"re-create the node"):
-        server.client.queue(output)
+        browser_server.client.queue(output)
