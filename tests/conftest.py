@@ -1,7 +1,7 @@
 """Host fixtures for the whole suite: tiny checkpoints, an in-process ComfyUI, and a real server.
 
 The host is PyPI's comfyui==0.0.1 by default, or the upstream checkout named by COMFYUI_PATH (see
-tools/embedded_host.py). Pure `sefi_core` tests use none of these fixtures and never import ComfyUI.
+host_boot/embedded_host.py). Pure `sefi_core` tests use none of these fixtures and never import ComfyUI.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
 from batch import comfy_client  # noqa: E402
-from tools import embedded_host, tiny_checkpoints  # noqa: E402
+from host_boot import embedded_host  # noqa: E402
+from tools import tiny_checkpoints  # noqa: E402
 
 # Real face photos, vendored with their licence (tests/data/faces/README.md): a bare clone runs every test.
 FACES_DIR = REPO_ROOT / "tests" / "data" / "faces"

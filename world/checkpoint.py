@@ -5,7 +5,7 @@ encoder (world/text_encoder.py) and the VAE (world/vae.py) are constructed, and 
 the host's own classes and key converters, the way tools/tiny_checkpoints.py writes the tiny ones. The U-Net has the
 smallest shape the hosts detect as SD1.5 (world/model.py).
 
-Needs the host's `comfy` importable (tools.embedded_host.import_host_modules, or a booted host).
+Needs the host's `comfy` importable (host_boot.embedded_host.import_host_modules, or a booted host).
 """
 from __future__ import annotations
 

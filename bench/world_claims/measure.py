@@ -41,7 +41,7 @@ class World:
 
 def boot_world(base: Path) -> World:
     """Boot the host in this process (base directory `base`) and load the world checkpoint, assembled if needed."""
-    from tools import embedded_host
+    from host_boot import embedded_host
     from world import checkpoint
     base = Path(base)
     for folder in ("checkpoints", "sefi_identities"):

@@ -12,7 +12,7 @@ import pytest
 
 from batch import cli, comfy_client, http_engine, people as batch_people
 from batch.host_base import UPLOAD_FOLDER
-from tools import embedded_host
+from host_boot import embedded_host
 from tools.dev_requirements import import_required
 
 import_required("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import embedded_host
+from host_boot import embedded_host
 from tools import workflow_builder as wb
 from tools.dev_requirements import import_required
 
