@@ -25,7 +25,7 @@ COMFY_CLI ?= comfy-cli==1.23.0
 COMFY_CLI_VENV ?= .venv-comfycli
 COMFY := DO_NOT_TRACK=1 $(COMFY_CLI_VENV)/bin/comfy --skip-prompt --no-json
 
-.PHONY: setup test validate demo serve tiny-checkpoints clean-venv browser
+.PHONY: setup test test-fast validate demo serve tiny-checkpoints node-interface clean-venv browser
 
 setup: $(STAMP)
 
@@ -77,6 +77,11 @@ demo: setup
 
 serve: setup
 	$(PY) -m tools.dev_server --port $(PORT)
+
+# After appending an input to a node: rewrite tests/data/node_interface.json (every node's inputs, in order) and
+# raise pyproject's version; refuses a change that moves, retypes or removes an input (tools/node_interface.py).
+node-interface: setup
+	$(PY) -m tools.node_interface
 
 tiny-checkpoints: setup
 	$(PY) -m tools.tiny_checkpoints $(or $(OUT),models/checkpoints) --family $(or $(FAMILY),all)
