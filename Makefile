@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine (see README):
 #   make demo   set up the venv with the embedded ComfyUI host and run the main job
 #   make test   set up the venv, run the Registry checks (make validate) and the whole test suite
+#   make test-fast  the suite without its slow tests, for iterating
 # With COMFYUI_PATH=<a ComfyUI checkout> the same targets run against that host, in their own venv.
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
@@ -55,6 +56,10 @@ browser:
 
 test: setup validate
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+# For iterating: the suite without the tests marked slow (tests/pytest.ini) and without the Registry checks.
+test-fast: setup
+	$(PY) -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
 
 $(COMFY_CLI_VENV)/.ready-$(COMFY_CLI):
 	rm -rf $(COMFY_CLI_VENV)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # boots a host of its own in a subprocess
+
 REPO = Path(__file__).resolve().parents[2]
 NODES = {"SeFiFaceMask", "SeFiTrainIdentity", "SeFiLoadIdentity", "SeFiApplyIdentity", "SeFiIdentityScore",
          "SeFiTrainingOptions"}

@@ -17,6 +17,7 @@ def _in_unit(x) -> bool:
     return isinstance(x, float) and 0.0 <= x <= 1.0
 
 
+@pytest.mark.slow  # trains and renders two variants
 def test_claims_bench_runs_two_variants_and_writes_the_report(tmp_path, host, world_sd15, capsys):
     from host_boot import embedded_host
     world = World(host, world_sd15.name, embedded_host.host_label())

@@ -29,6 +29,8 @@ from host_boot import embedded_host
 from tools import workflow_builder as wb
 from tools.dev_requirements import import_required
 
+pytestmark = pytest.mark.slow  # drives Chromium through every workflow
+
 CHROMIUM = Path(os.environ.get("SEFI_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
