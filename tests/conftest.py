@@ -146,9 +146,11 @@ def world_unet_weights(host) -> Path:
 @pytest.fixture(scope="session")
 def world_sd15(host, world_unet_weights) -> Path:
     """The world checkpoint (world/checkpoint.py) in the host's checkpoints folder, built once and cached. Built after
-    boot, in process: its builder imports the host's model code."""
+    boot, in process: its builder imports the host's model code. Cached where `make demo` looks for it
+    (checkpoint.CACHE_FOLDER), not in CACHE_DIR: the demo tests' own processes then find it built instead of
+    assembling it a second time."""
     from world import checkpoint
-    path = checkpoint.ensure(CACHE_DIR, world_unet_weights)
+    path = checkpoint.ensure(checkpoint.CACHE_FOLDER, world_unet_weights)
     _link_model(Path(host.folder_paths.get_folder_paths("checkpoints")[0]), path)
     return path
 

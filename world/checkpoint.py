@@ -21,6 +21,8 @@ from . import model, text_encoder, vae
 from .model import UNET
 
 NAME = "world-sd15.safetensors"
+#: Where the demo, the claims bench and the tests assemble it: one folder, so that one build serves them all.
+CACHE_FOLDER = Path(__file__).resolve().parents[1] / ".cache" / "world"
 UNET_WEIGHTS = Path(__file__).resolve().parent / "weights" / "unet.safetensors"
 RECIPE_KEY = "sefi_world_recipe"
 # The file is a product of the U-Net weights and of the code that constructs the rest: a change in either rebuilds it.

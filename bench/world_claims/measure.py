@@ -48,7 +48,7 @@ def boot_world(base: Path) -> World:
     for folder in ("checkpoints", "sefi_identities"):
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)
     host = embedded_host.boot_in_process(base, device="auto")
-    ckpt = checkpoint.ensure(embedded_host.REPO_ROOT / ".cache" / "world")
+    ckpt = checkpoint.ensure(checkpoint.CACHE_FOLDER)
     link = base / "models" / "checkpoints" / ckpt.name
     if not link.exists():
         link.symlink_to(ckpt)
