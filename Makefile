@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine (see README):
 #   make demo   set up the venv with the embedded ComfyUI host and run the main job
 #   make test   set up the venv, run the Registry checks (make validate) and the whole test suite
+#   make test-fast  the suite without its slow tests, for iterating
 # With COMFYUI_PATH=<a ComfyUI checkout> the same targets run against that host, in their own venv.
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
@@ -29,7 +30,7 @@ COMFY := DO_NOT_TRACK=1 $(COMFY_CLI_VENV)/bin/comfy --skip-prompt --no-json
 COMFY_TEST ?= comfy-test==0.4.15
 COMFY_TEST_VENV ?= .venv-comfytest
 
-.PHONY: setup test validate demo serve tiny-checkpoints clean-venv browser screenshots
+.PHONY: setup test test-fast validate demo serve tiny-checkpoints node-interface clean-venv browser screenshots
 
 setup: $(STAMP)
 
@@ -67,6 +68,10 @@ screenshots: setup
 test: setup validate
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
+# For iterating: the suite without the tests marked slow (tests/pytest.ini) and without the Registry checks.
+test-fast: setup
+	$(PY) -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
+
 $(COMFY_CLI_VENV)/.ready-$(COMFY_CLI):
 	rm -rf $(COMFY_CLI_VENV)
 	$(PYTHON) -m venv $(COMFY_CLI_VENV)
@@ -97,6 +102,11 @@ demo: setup
 
 serve: setup
 	$(PY) -m tools.dev_server --port $(PORT)
+
+# After appending an input to a node: rewrite tests/data/node_interface.json (every node's inputs, in order) and
+# raise pyproject's version; refuses a change that moves, retypes or removes an input (tools/node_interface.py).
+node-interface: setup
+	$(PY) -m tools.node_interface
 
 tiny-checkpoints: setup
 	$(PY) -m tools.tiny_checkpoints $(or $(OUT),models/checkpoints) --family $(or $(FAMILY),all)

@@ -33,8 +33,8 @@ from typing import Any
 
 from batch import http_engine
 from batch.people import Result, UsageError, settle_people, summary_table
+from host_boot import embedded_host
 from sefi_core.console import tolerant_console
-from tools import embedded_host
 
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_SERVER = 0, 1, 2, 3

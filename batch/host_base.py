@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tools import embedded_host
+from host_boot import embedded_host
 
 UPLOAD_FOLDER = "sefi_batch"
 """The sub-folder of a host's input folder that holds the uploaded (or linked) photos, per person."""

@@ -23,7 +23,7 @@ from batch.host_base import UPLOAD_FOLDER, local_base, remove_base
 from batch.node_inputs import OPTIONS_NODE, combo_choices, input_names, split_options, widget_defaults
 from batch.people import (CannotResume, Person, Result, UsageError, log, resume_plan, settled_since,
                           trained_identity)
-from tools import embedded_host
+from host_boot import embedded_host
 
 
 class ServerGone(Exception):

@@ -1,7 +1,7 @@
 """The Ray engine of the batch trainer (`python -m batch --engine ray`): many identities across a Ray cluster, no HTTP.
 
 Each worker is a Ray actor (one GPU each, `num_gpus=1`; on a CPU-only cluster `--worker-cpus` CPUs each) that
-boots the ComfyUI host in its own process once (tools.embedded_host: the PyPI host, or COMFYUI_PATH), loads the
+boots the ComfyUI host in its own process once (host_boot.embedded_host: the PyPI host, or COMFYUI_PATH), loads the
 checkpoint once, and then trains person after person by calling the host's nodes directly — LoadImage,
 SeFiFaceMask, ImageBatch, SeFiTrainIdentity — which is the graph the HTTP engine queues, minus the server.
 The driver keeps the queue: it hands the next person to whichever worker is idle.
@@ -40,7 +40,7 @@ from batch.host_base import UPLOAD_FOLDER, local_base, remove_base
 from batch.node_inputs import OPTIONS_NODE, input_names, widget_defaults
 from batch.people import (CannotResume, Person, Result, UsageError, log, resume_plan, settled_since,
                           trained_identity)
-from tools import embedded_host
+from host_boot import embedded_host
 
 OBJECT_STORE_BYTES = 128 * 2**20  # only small dicts travel through it; Ray's minimum is 75 MiB
 POLL_SECONDS = 0.1

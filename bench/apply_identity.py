@@ -1,7 +1,7 @@
 """Per-step cost of sampling with SeFiApplyIdentity vs plain CLIPTextEncode on the same model, side by side.
 
 Prints ms per sampling step for both, their ratio (goal <= 1.03), and the one-time cost of the node's
-2·S + 2 prompt encodings separately. Runs in a real host booted in process (tools.embedded_host).
+2·S + 2 prompt encodings separately. Runs in a real host booted in process (host_boot.embedded_host).
 
     python -m bench.apply_identity                       # tiny random SD1.5 checkpoint, CPU
     python -m bench.apply_identity --checkpoint X.safetensors --size 512 --steps 20
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
-from tools import embedded_host, tiny_checkpoints  # noqa: E402
+from host_boot import embedded_host  # noqa: E402
+from tools import tiny_checkpoints  # noqa: E402
 
 
 def main() -> None:

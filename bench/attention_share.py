@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
 from bench.train_step import boot_bench_host, model_parser  # noqa: E402
-from tools import embedded_host  # noqa: E402
+from host_boot import embedded_host  # noqa: E402
 
 
 def _photo(res: int) -> torch.Tensor:

@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
-from tools import embedded_host, tiny_checkpoints  # noqa: E402
+from host_boot import embedded_host  # noqa: E402
+from tools import tiny_checkpoints  # noqa: E402
 
 SD15_FULL_UNET = dict(tiny_checkpoints.SD15_UNET, channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
                       transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,

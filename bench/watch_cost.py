@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
 
 from bench.attention_share import _photo  # noqa: E402
 from bench.train_step import boot_bench_host, model_parser  # noqa: E402
-from tools import embedded_host  # noqa: E402
+from host_boot import embedded_host  # noqa: E402
 
 PREVIEW_LOG = re.compile(r"live preview (\d+)× in ([\d.]+) s")
 SAMPLES_LOG = re.compile(r"sample renders at (\d+) step\(s\) in ([\d.]+) s")

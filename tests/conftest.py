@@ -1,7 +1,7 @@
 """Host fixtures for the whole suite: tiny checkpoints, an in-process ComfyUI, and a real server.
 
 The host is PyPI's comfyui==0.0.1 by default, or the upstream checkout named by COMFYUI_PATH (see
-tools/embedded_host.py). Pure `sefi_core` tests use none of these fixtures and never import ComfyUI.
+host_boot/embedded_host.py). Pure `sefi_core` tests use none of these fixtures and never import ComfyUI.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
 from batch import comfy_client  # noqa: E402
-from tools import embedded_host, tiny_checkpoints  # noqa: E402
+from host_boot import embedded_host  # noqa: E402
+from tools import tiny_checkpoints  # noqa: E402
 
 # Real face photos, vendored with their licence (tests/data/faces/README.md): a bare clone runs every test.
 FACES_DIR = REPO_ROOT / "tests" / "data" / "faces"
@@ -146,9 +147,11 @@ def world_unet_weights(host) -> Path:
 @pytest.fixture(scope="session")
 def world_sd15(host, world_unet_weights) -> Path:
     """The world checkpoint (world/checkpoint.py) in the host's checkpoints folder, built once and cached. Built after
-    boot, in process: its builder imports the host's model code."""
+    boot, in process: its builder imports the host's model code. Cached where `make demo` looks for it
+    (checkpoint.CACHE_FOLDER), not in CACHE_DIR: the demo tests' own processes then find it built instead of
+    assembling it a second time."""
     from world import checkpoint
-    path = checkpoint.ensure(CACHE_DIR, world_unet_weights)
+    path = checkpoint.ensure(checkpoint.CACHE_FOLDER, world_unet_weights)
     _link_model(Path(host.folder_paths.get_folder_paths("checkpoints")[0]), path)
     return path
 

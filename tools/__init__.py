@@ -1,2 +1,3 @@
-"""What contributors run (tiny checkpoints, demo, dev server, workflow builder, packaging checks), and the host
-boot (embedded_host.py) that the batch trainer uses too. Not loaded by ComfyUI; see docs/architecture.md."""
+"""What contributors run: tiny checkpoints, the demo, the dev server, the workflow builder, the node-interface
+schema, packaging checks, test fixtures. Not loaded by ComfyUI and not shipped, except `batch_train.py`, the old
+name of `python -m batch` kept for release 0.1 (docs/architecture.md)."""

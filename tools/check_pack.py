@@ -12,15 +12,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-#: The host boot the batch trainer starts hosts with: the only part of tools/ that ships (docs/architecture.md).
-HOST_BOOT = ("tools/__init__.py", "tools/embedded_host.py", "tools/serve.py", "tools/torchvision_shim.py")
+#: The packages that ship: the ComfyUI glue, the method, the batch trainer (a user command) and the host boot it
+#: starts hosts with. None of them may import tools/ (tests/core/test_import_rules.py).
+SHIPPED_PACKAGES = ("nodes", "sefi_core", "batch", "host_boot")
+#: The host boot the batch trainer starts hosts with (docs/architecture.md).
+HOST_BOOT = ("host_boot/__init__.py", "host_boot/embedded_host.py", "host_boot/serve.py",
+             "host_boot/torchvision_shim.py")
 #: Files a ComfyUI user needs: the loader, the licence, the docs, the install metadata and the user commands.
 REQUIRED_FILES = ("__init__.py", "LICENSE", "README.md", "pyproject.toml", "requirements.txt", "nodes/__init__.py",
                   "sefi_core/__init__.py", "sefi_core/eval/__main__.py", "batch/__main__.py", *HOST_BOOT)
 #: Folders that must ship with at least one file of the given suffix.
-REQUIRED_FOLDERS = (("nodes/", ".py"), ("sefi_core/", ".py"), ("batch/", ".py"), ("workflows/", ".json"))
-#: Files of tools/ that ship besides the host boot: the batch trainer's old name, for release 0.1 only.
-SHIPPED_TOOLS = (*HOST_BOOT, "tools/batch_train.py")
+REQUIRED_FOLDERS = (*((f"{package}/", ".py") for package in SHIPPED_PACKAGES), ("workflows/", ".json"))
+#: The only files of tools/ that ship: the batch trainer's old name `python -m tools.batch_train`, documented for
+#: release 0.1 only (README), and the package file it needs.
+SHIPPED_TOOLS = ("tools/__init__.py", "tools/batch_train.py")
 #: Developer files at the top: the Makefile and the pins of the development environments.
 DEVELOPER_FILES = ("Makefile", "constraints.txt", "requirements-dev.txt", "requirements-insightface.txt")
 #: Path prefixes that never ship: environments, caches, models, run outputs, tests and benchmarks.

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tools import embedded_host, tiny_checkpoints
+from host_boot import embedded_host
+from tools import tiny_checkpoints
 
 PROMPTS = (
     "a photo of {t} person on a beach at sunset",

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from tools import embedded_host
+from host_boot import embedded_host
 from world import demo
 
 MODEL_FOLDERS = ("checkpoints", "controlnet", "embeddings", "sefi_identities", "insightface/models")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tools import embedded_host
+from host_boot import embedded_host
 
 SD15_NAME = "tiny-sd15-random.safetensors"
 SDXL_NAME = "tiny-sdxl-random.safetensors"

@@ -593,9 +593,9 @@ def render(specs: dict[str, dict[str, Any]]) -> dict[Path, str]:
 
 
 def live_object_info() -> dict[str, Any]:
-    """Boot the host's server (tools.embedded_host; COMFYUI_PATH selects upstream) and read /object_info."""
+    """Boot the host's server (host_boot.embedded_host; COMFYUI_PATH selects upstream) and read /object_info."""
     from batch import comfy_client
-    from tools import embedded_host
+    from host_boot import embedded_host
     with tempfile.TemporaryDirectory(prefix="sefi-workflows-") as tmp:
         base = Path(tmp)
         port = comfy_client.free_port()

@@ -9,7 +9,7 @@ from . import gates, train
 
 
 def write_checkpoint(args: argparse.Namespace) -> int:
-    from tools import embedded_host
+    from host_boot import embedded_host
     embedded_host.import_host_modules()
     from . import checkpoint
     print(checkpoint.ensure(args.folder))

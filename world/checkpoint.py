@@ -5,7 +5,7 @@ encoder (world/text_encoder.py) and the VAE (world/vae.py) are constructed, and 
 the host's own classes and key converters, the way tools/tiny_checkpoints.py writes the tiny ones. The U-Net has the
 smallest shape the hosts detect as SD1.5 (world/model.py).
 
-Needs the host's `comfy` importable (tools.embedded_host.import_host_modules, or a booted host).
+Needs the host's `comfy` importable (host_boot.embedded_host.import_host_modules, or a booted host).
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from . import model, text_encoder, vae
 from .model import UNET
 
 NAME = "world-sd15.safetensors"
+#: Where the demo, the claims bench and the tests assemble it: one folder, so that one build serves them all.
+CACHE_FOLDER = Path(__file__).resolve().parents[1] / ".cache" / "world"
 UNET_WEIGHTS = Path(__file__).resolve().parent / "weights" / "unet.safetensors"
 RECIPE_KEY = "sefi_world_recipe"
 # The file is a product of the U-Net weights and of the code that constructs the rest: a change in either rebuilds it.

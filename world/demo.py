@@ -100,7 +100,7 @@ def main(out, steps: int | None = None) -> int:
     import tempfile
     import time
     from pathlib import Path
-    from tools import embedded_host
+    from host_boot import embedded_host
     from . import checkpoint
     print("Miniature world (docs/world.md): a checkpoint trained here from scratch on 8×8-cell pictures of people in "
           "scenes.\nIt shows the method's mechanics with exact scores, not photographs. For real pictures run\n"

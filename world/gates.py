@@ -114,7 +114,7 @@ def save_grid(results: list[Sampled], path: Path, columns: int = 20) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tools import embedded_host
+    from host_boot import embedded_host
     from . import checkpoint
     base = Path(tempfile.mkdtemp(prefix="sefi-world-gates-"))
     folder = base / "models" / "checkpoints"

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from sefi_core.atomic import atomic_write, atomic_write_text
-from tools import embedded_host, tiny_checkpoints
+from host_boot import embedded_host
+from tools import tiny_checkpoints
 
 from . import text_encoder
 from .model import TIMESTEPS, new_unet, sd_alphas_cumprod

@@ -78,7 +78,7 @@ main() {
   "$PYTHON" - "$SITE" "$SMOKE" <<'PY' || { echo "environment check failed"; return 2; }
 import os, platform, sys
 site, smoke = os.path.realpath(sys.argv[1]), sys.argv[2] == "1"
-import tools.torchvision_shim  # noqa: F401  (as the benches do; a no-op where torchvision's own ops load)
+import host_boot.torchvision_shim  # noqa: F401  (as the benches do; a no-op where torchvision's own ops load)
 import torch, torchvision, numpy
 print(f"python {platform.python_version()} ({sys.executable}); torch {torch.__version__}, "
       f"torchvision {torchvision.__version__}, numpy {numpy.__version__}; "

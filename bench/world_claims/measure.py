@@ -33,7 +33,8 @@ class World:
         pack = host.pack_module.__name__
         self.train_node = importlib.import_module(f"{pack}.nodes.train")
         self.training = importlib.import_module(f"{pack}.nodes.training")
-        self.settings = importlib.import_module(f"{pack}.sefi_core.training")
+        # the class, from the pack as the host loaded it (the trainer's own TrainSettings, not a second copy)
+        self.TrainSettings = importlib.import_module(f"{pack}.sefi_core.training").TrainSettings
         self.maps = importlib.import_module(f"{pack}.sefi_core.attention_picture")
         self.negative = host.run("CLIPTextEncode", clip=self.clip, text="")[0]
         self.latent = host.run("EmptyLatentImage", width=GRID * CELL, height=GRID * CELL, batch_size=1)[0]
@@ -41,13 +42,13 @@ class World:
 
 def boot_world(base: Path) -> World:
     """Boot the host in this process (base directory `base`) and load the world checkpoint, assembled if needed."""
-    from tools import embedded_host
+    from host_boot import embedded_host
     from world import checkpoint
     base = Path(base)
     for folder in ("checkpoints", "sefi_identities"):
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)
     host = embedded_host.boot_in_process(base, device="auto")
-    ckpt = checkpoint.ensure(embedded_host.REPO_ROOT / ".cache" / "world")
+    ckpt = checkpoint.ensure(checkpoint.CACHE_FOLDER)
     link = base / "models" / "checkpoints" / ckpt.name
     if not link.exists():
         link.symlink_to(ckpt)
@@ -109,8 +110,8 @@ def face_shares(world: World, identity, pictures: list[np.ndarray], faces: list[
     the trainer's own step at its loss sites; and the (identity, reference) maps of the first picture at
     PICTURE_FRACTION, for the attention picture."""
     th, res = world.training, GRID * CELL
-    settings = world.settings.TrainSettings(steps=1, resolution=res, loss_sites=TRAIN_SETTINGS["loss_sites"],
-                                            flip=False, seed=0, checkpoint_every=0, precision="fp32")
+    settings = world.TrainSettings(steps=1, resolution=res, loss_sites=TRAIN_SETTINGS["loss_sites"], flip=False,
+                                   seed=0, checkpoint_every=0, precision="fp32")
     images = torch.from_numpy(np.stack(pictures)).float()
     masks = torch.from_numpy(np.stack([np.repeat(np.repeat(f, CELL, 0), CELL, 1) for f in faces]))
     vectors = identity.tokens["clip_l"].shape[2]

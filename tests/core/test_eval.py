@@ -238,7 +238,7 @@ def tiny_clip(tmp_path_factory):
     """A tiny random-weight open_clip model (config + weights file): proves the loading and scoring code, not
     CLIP's judgement (no real weights can be downloaded here)."""
     try:
-        import tools.torchvision_shim  # noqa: F401  (this repository's CPU torch + PyPI torchvision)
+        import host_boot.torchvision_shim  # noqa: F401  (this repository's CPU torch + PyPI torchvision)
     except ImportError:
         pass
     open_clip = pytest.importorskip("open_clip", reason="open-clip-torch is not installed in this venv")

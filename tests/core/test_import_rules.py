@@ -3,6 +3,7 @@ also those inside functions, which run later but still tie one module to another
 
 - sefi_core imports nothing of ComfyUI and nothing of the repository's other packages;
 - nodes import no user command and no tooling (the pack must load from a Registry zip without them);
+- nothing that ships (tools/check_pack.py's SHIPPED_PACKAGES) imports tools/, which stays in the repository;
 - each user command and each side package imports only the floors below it (the table ALLOWED);
 - no module imports one that imports it back, directly or through others;
 - the batch trainer's modules share no private (`_name`) names.
@@ -18,10 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from tools import check_pack
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: The repository's packages, by floor: the method, the ComfyUI glue, the user commands, and what sits at the side.
-PACKAGES = ("sefi_core", "nodes", "batch", "tools", "bench", "world")
+PACKAGES = ("sefi_core", "nodes", "batch", "host_boot", "tools", "bench", "world")
 
 #: Top-level module names of ComfyUI itself (upstream checkout and the PyPI host).
 HOST_NAMES = {"comfy", "comfy_extras", "comfy_execution", "comfy_api", "comfy_api_nodes", "comfy_config",
@@ -32,11 +35,14 @@ HOST_NAMES = {"comfy", "comfy_extras", "comfy_execution", "comfy_api", "comfy_ap
 ALLOWED: dict[str, set[str]] = {
     "sefi_core": {"sefi_core"},
     "nodes": {"nodes", "sefi_core", "host"},
-    "batch": {"batch", "sefi_core", "tools.embedded_host"},
-    "tools": {"tools", "sefi_core", "batch", "host", "world"},    # world: only WORLD_IMPORTERS, below
-    "bench": {"bench", "tools", "sefi_core", "host", "world"},
-    "world": {"world", "sefi_core", "tools", "host"},
+    "batch": {"batch", "sefi_core", "host_boot"},
+    "host_boot": {"host_boot", "host"},
+    "tools": {"tools", "sefi_core", "batch", "host_boot", "host", "world"},    # world: only WORLD_IMPORTERS, below
+    "bench": {"bench", "tools", "sefi_core", "host_boot", "host", "world"},
+    "world": {"world", "sefi_core", "host_boot", "tools", "host"},
 }
+#: What ships in the Registry package, and so must not import tools/ (which does not).
+SHIPPED = check_pack.SHIPPED_PACKAGES
 #: Who may import the miniature world (issue 22): the demo, the dev server (it offers the world checkpoint), the
 #: benchmarks and the tests only.
 WORLD_IMPORTERS = ("tools.demo", "tools.dev_server", "bench.")
@@ -105,11 +111,6 @@ def repository_imports(root: Path = REPO_ROOT) -> list[Import]:
     return found
 
 
-def floor_of(target: str) -> str:
-    """The ALLOWED key a local target falls under."""
-    return "tools.embedded_host" if target == "tools.embedded_host" else target.split(".")[0]
-
-
 def rule_violations(found: list[Import]) -> list[str]:
     problems = []
     for imp in found:
@@ -117,8 +118,11 @@ def rule_violations(found: list[Import]) -> list[str]:
         package = imp.source.split(".")[0]
         allowed = ALLOWED[package]
         if imp.local:
-            floor = floor_of(imp.target)
-            if floor not in allowed and imp.target.split(".")[0] not in allowed:
+            floor = imp.target.split(".")[0]
+            if package in SHIPPED and floor == "tools":
+                problems.append(f"{where}: {package} ships and tools/ does not; move what it needs into a shipped "
+                                f"package ({', '.join(SHIPPED)})")
+            elif floor not in allowed:
                 problems.append(f"{where}: {package} may import only {sorted(allowed)}")
             if floor == "world" and package != "world" and not imp.source.startswith(WORLD_IMPORTERS):
                 problems.append(f"{where}: only {', '.join(WORLD_IMPORTERS)} and the tests may import world")
@@ -177,6 +181,15 @@ def test_every_package_imports_only_the_floors_below_it():
     assert not rule_violations(found), "\n".join(rule_violations(found))
 
 
+def test_nothing_that_ships_imports_tools():
+    assert set(SHIPPED) <= set(PACKAGES)  # every shipped package is walked
+    found = [imp for imp in repository_imports() if imp.source.split(".")[0] in SHIPPED]
+    assert {imp.source.split(".")[0] for imp in found} == set(SHIPPED)
+    bad = [f"{imp.source} (line {imp.line}) imports {imp.target}" for imp in found
+           if imp.local and imp.target.split(".")[0] == "tools"]
+    assert not bad, "\n".join(bad)
+
+
 def test_no_module_imports_one_that_imports_it_back():
     assert not cycles(repository_imports())
 
@@ -193,10 +206,14 @@ def _tree(root: Path, files: dict[str, str]) -> Path:
     ({"sefi_core/__init__.py": "", "sefi_core/a.py": "import comfy.utils\n"}, "sefi_core must not import ComfyUI"),
     ({"sefi_core/__init__.py": "", "sefi_core/a.py": "def f():\n    from ..nodes import host\n",
       "nodes/__init__.py": "", "nodes/host.py": ""}, "sefi_core may import only"),
-    ({"nodes/__init__.py": "", "nodes/a.py": "from tools import embedded_host\n", "tools/__init__.py": "",
-      "tools/embedded_host.py": ""}, "nodes may import only"),
+    ({"nodes/__init__.py": "", "nodes/a.py": "from host_boot import embedded_host\n", "host_boot/__init__.py": "",
+      "host_boot/embedded_host.py": ""}, "nodes may import only"),
     ({"batch/__init__.py": "", "batch/a.py": "from batch.b import _helper\n", "batch/b.py": "_helper = 1\n"},
      "shares the private name"),
+    ({"batch/__init__.py": "", "batch/a.py": "def f():\n    from tools import tiny_checkpoints\n",
+      "tools/__init__.py": "", "tools/tiny_checkpoints.py": ""}, "batch ships and tools/ does not"),
+    ({"host_boot/__init__.py": "", "host_boot/a.py": "import tools.check_pack\n", "tools/__init__.py": "",
+      "tools/check_pack.py": ""}, "host_boot ships and tools/ does not"),
     ({"tools/__init__.py": "", "tools/a.py": "import world.x\n", "world/__init__.py": "", "world/x.py": ""},
      "may import world"),
 ])

@@ -63,6 +63,7 @@ def _in_process_identity(host, sd15, face_photo, person: str):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # a local Ray whose two workers each boot a host
 def test_ray_workers_survive_a_kill_and_match_the_in_process_trainer(people, tmp_path, tiny_sd15, host, sd15,
                                                                       face_photo, capsys):
     out = tmp_path / "identities"
@@ -133,6 +134,7 @@ def _seed_checkpoint(host, sd15, face_photo, out, person: str, photo: str, steps
     shutil.copy(source, out / "checkpoints" / f"{person}.sefi-train")
 
 
+@pytest.mark.slow  # a local Ray whose two workers each boot a host
 def test_ray_never_redoes_nor_loses_work(tmp_path, people_folder, tiny_sd15, host, sd15, face_photo, monkeypatch,
                                          capsys):
     """A worker lost after its person's last checkpoint but before the identity was saved: the person restarted

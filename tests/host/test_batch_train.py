@@ -12,7 +12,7 @@ import pytest
 
 from batch import cli, comfy_client, http_engine, people as batch_people
 from batch.host_base import UPLOAD_FOLDER
-from tools import embedded_host
+from host_boot import embedded_host
 from tools.dev_requirements import import_required
 
 import_required("dlib", reason="needs dlib-bin==20.0.1.post1 (prebuilt dlib)")
@@ -77,6 +77,7 @@ def _cut_off_run(host, sd15, face_photo, out, person: str, photo: str, steps: in
     shutil.copy(source, out / "checkpoints" / f"{person}.sefi-train")
 
 
+@pytest.mark.slow  # two servers of its own
 def test_two_servers_train_two_report_one_then_skip(people, two_servers, tiny_sd15, host, sd15, face_photo, capsys):
     out, urls, bases = two_servers
     _cut_off_run(host, sd15, face_photo, out, "biden", "biden_1.jpg", 1)  # resumed, not trained again from 0

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # make demo boots its own host
 def test_demo_trains_an_identity_and_writes_a_grid(tmp_path, tiny_sd15):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "tools.demo", "--tiny", "--steps", "2", "--out", str(out)], cwd=REPO_ROOT,

@@ -118,7 +118,7 @@ def test_host_device_choice_for_benchmarks_and_demo():
     because the host reads the flag once, when its model management is imported."""
     import subprocess
     import sys
-    probe = ("import sys, torch; from tools import embedded_host as e; e.import_host_modules(sys.argv[1]); "
+    probe = ("import sys, torch; from host_boot import embedded_host as e; e.import_host_modules(sys.argv[1]); "
              "import comfy.model_management as mm; print(mm.cpu_state.name, torch.cuda.is_available())")
     for device in ("cpu", "auto"):
         out = subprocess.run([sys.executable, "-c", probe, device], cwd=REPO_ROOT, capture_output=True, text=True,

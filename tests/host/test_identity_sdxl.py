@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # loads the SDXL checkpoint (~5 GB)
+
 
 def _sdxl_identity(pack, seed, stages=3):
     Identity = pack.core("identity").Identity

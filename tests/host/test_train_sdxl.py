@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # loads the SDXL checkpoint (~5 GB)
+
 TEMPLATE = "a photo of the face of {}"
 
 

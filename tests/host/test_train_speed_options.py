@@ -46,6 +46,7 @@ class CompiledRuns:
         return False
 
 
+@pytest.mark.slow  # torch.compile
 def test_compiled_blocks_give_the_eager_loss_and_gradients(host, sd15, pack, photo):
     """One step with the attention loss on: the compiled U-Net gives the eager loss, attention term and token
     gradients within float32 rounding, also when a gradient-share step backpropagates each term through the same
@@ -96,6 +97,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(host, sd15, pack, pho
     assert all(after[k] is before[k] for k in before)
 
 
+@pytest.mark.slow  # torch.compile
 def test_compile_unet_through_the_node(host, sd15, pack, photo, caplog):
     """Two steps through the node, both gradient-share steps: losses, logged gradient norms (before clipping: Adam's
     first step alone would hide a wrong gradient's scale) and shares as in the eager run."""
@@ -122,6 +124,7 @@ def test_compile_unet_through_the_node(host, sd15, pack, photo, caplog):
     assert all("forward" not in mod.__dict__ for mod in model.model.modules())
 
 
+@pytest.mark.slow  # torch.compile
 def test_every_training_in_one_process_still_compiles(host, sd15, pack, photo):
     """Three trainings in one process (a server's life): each must run compiled blocks. Compiled entries pile up
     on the blocks' shared code objects across runs, and past dynamo's recompile limits it would quietly run the

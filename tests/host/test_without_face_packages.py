@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # boots a host of its own in a subprocess
+
 REPO = Path(__file__).resolve().parents[2]
 NODES = {"SeFiFaceMask", "SeFiTrainIdentity", "SeFiLoadIdentity", "SeFiApplyIdentity", "SeFiIdentityScore",
          "SeFiTrainingOptions"}
@@ -27,7 +29,7 @@ repo, base = sys.argv[1], sys.argv[2]
 sys.modules["dlib"] = None  # `import dlib` now raises ImportError, as when dlib is not installed
 sys.path.append(repo)
 import torch
-from tools import embedded_host
+from host_boot import embedded_host
 host = embedded_host.boot_in_process(base)
 pack = host.pack_module.__name__
 out = {"nodes": sorted(n for n in host.nodes if n.startswith("SeFi")),

@@ -18,8 +18,9 @@ def _in_unit(x) -> bool:
     return isinstance(x, float) and 0.0 <= x <= 1.0
 
 
+@pytest.mark.slow  # trains and renders two variants
 def test_claims_bench_runs_two_variants_and_writes_the_report(tmp_path, host, pack, world_sd15, capsys):
-    from tools import embedded_host
+    from host_boot import embedded_host
     world = World(host, world_sd15.name, embedded_host.host_label())
     argv = ["--out", str(tmp_path), "--people", "0", "--seeds", "0", "--variants", "ti,sefi", "--steps", "1",
             "--prompts", "2"]

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from world.captions import Request
 from world.gates import SAMPLER, rates, sample
 from world.render import SCENES
@@ -23,6 +25,7 @@ def test_plain_prompts_pass_a_reduced_gate(host, world_sd15):
     assert table["person"][0] >= 0.75, [(r.prompt, r.reading.framing) for r in results]
 
 
+@pytest.mark.slow  # make demo boots its own host
 def test_demo_runs_on_the_world_by_default(tmp_path, world_sd15):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "tools.demo", "--steps", "2", "--out", str(out)], cwd=REPO_ROOT,

@@ -40,9 +40,12 @@ from pathlib import Path
 
 import pytest
 
-from tools import embedded_host, frontends
+from host_boot import embedded_host
+from tools import frontends
 from tools import workflow_builder as wb
 from tools.dev_requirements import import_required, require
+
+pytestmark = pytest.mark.slow  # drives Chromium through every workflow
 
 CHROMIUM = Path(os.environ.get("SEFI_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -1,4 +1,4 @@
-"""Start the chosen host's server (see tools.embedded_host) with the arguments given on the command line.
+"""Start the chosen host's server (see host_boot.embedded_host) with the arguments given on the command line.
 
 Used by `make serve` and the server tests. The torchvision shim must be imported before the host.
 """
@@ -8,8 +8,8 @@ import os
 import runpy
 import sys
 
-import tools.torchvision_shim  # noqa: F401
-from tools.embedded_host import comfyui_path
+import host_boot.torchvision_shim  # noqa: F401
+from host_boot.embedded_host import comfyui_path
 
 
 def main() -> None:

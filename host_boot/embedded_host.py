@@ -49,7 +49,7 @@ def import_host_modules(device: str = "cpu") -> None:
     "auto" to let the host pick an accelerator as a user's ComfyUI does (benchmarks, the demo)."""
     if device not in HOST_DEVICES:
         raise ValueError(f"device must be one of {HOST_DEVICES}, got {device!r}")
-    import tools.torchvision_shim  # noqa: F401  (must precede any torchvision import)
+    import host_boot.torchvision_shim  # noqa: F401  (must precede any torchvision import)
     upstream = comfyui_path()
     if upstream is not None and str(upstream) not in sys.path[:1]:
         sys.path.insert(0, str(upstream))
@@ -129,7 +129,7 @@ def server_command(base_dir: Path, port: int, extra_model_paths: Path | None = N
     """argv that starts the host's server headless on 127.0.0.1 with the pack in `<base>/custom_nodes`."""
     base_dir = Path(base_dir).resolve()
     link_pack(base_dir)
-    argv = [python, "-m", "tools.serve", "--cpu", "--listen", "127.0.0.1", "--port", str(port)]
+    argv = [python, "-m", "host_boot.serve", "--cpu", "--listen", "127.0.0.1", "--port", str(port)]
     if comfyui_path() is not None:
         argv += ["--base-directory", str(base_dir), "--disable-api-nodes", "--database-url", "sqlite:///:memory:"]
     else:
