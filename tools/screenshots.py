@@ -14,7 +14,8 @@ import os
 import subprocess
 import sys
 
-from tools import embedded_host, frontends
+from host_boot import embedded_host
+from tools import frontends
 
 SCREENSHOTS = embedded_host.REPO_ROOT / "docs" / "screenshots"
 

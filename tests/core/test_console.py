@@ -27,7 +27,7 @@ def shipped_python_files() -> list[str]:
                               "--stdin"], cwd=REPO, input="\n".join(tracked), capture_output=True,
                              text=True).stdout.split()
     files = sorted(set(tracked) - set(ignored))
-    assert "nodes/train.py" in files and "tools/embedded_host.py" in files and "bench/__init__.py" not in files
+    assert "nodes/train.py" in files and "host_boot/embedded_host.py" in files and "bench/__init__.py" not in files
     return files
 
 

@@ -21,7 +21,7 @@ import io, logging, sys
 repo, base = sys.argv[1], sys.argv[2]
 sys.path.append(repo)
 import torch
-from tools import embedded_host
+from host_boot import embedded_host
 host = embedded_host.boot_in_process(base)
 try:
     from app.logger import setup_logger  # upstream ComfyUI: its interceptor, as main.py installs it
