@@ -44,8 +44,6 @@ log = logging.getLogger("sefi")
 DEFAULT_LR = {"self_attention": 1e-4, "direct": 5e-3}
 LOG_EVERY = 25
 
-PROGRESS_HOOKS: list = []
-"""Callables (step, total, loss, parts) run after every step; for tests and tools (e.g. to press Cancel)."""
 NODE_NAME = "SeFi Train Identity"
 HOST_OBJECTS = ("model", "clip", "vae")
 """Inputs checked where they are first used: every refusal that needs no model comes before them."""
@@ -134,9 +132,10 @@ class SeFiTrainIdentity:
 
     def train(self, model, clip, vae, images, name, trigger="sks", initializer="person", steps=600,
               learning_rate=0.0, resolution=512, mask=None, options=None, preview_every=PREVIEW_EVERY,
-              sample_prompt="", sample_every=0, save_every=0, **option_values):
+              sample_prompt="", sample_every=0, save_every=0, observer=None, **option_values):
         """The node's inputs; Python callers (tools, tests) may also give options as keywords, which take the
-        place of the connected options' values."""
+        place of the connected options' values, and an `observer` (step, total, loss, parts) called after every
+        step of this run only (to print progress, collect logged parts, or press Cancel); ComfyUI passes none."""
         chosen = training_options(_one(options))
         chosen.update(checked_inputs(SeFiTrainingOptions, OPTIONS_NODE_NAME,
                                      {k: _one(v) for k, v in training_options(option_values).items()
@@ -149,7 +148,7 @@ class SeFiTrainIdentity:
         watch = WatchSettings(int(preview_every), sample_prompts(str(sample_prompt), str(trigger_word)),
                               int(sample_every), int(save_every))
         return self._train(model, clip, vae, images, name, trigger, initializer, steps, learning_rate,
-                           resolution=resolution, mask=mask, watch=watch, **chosen)
+                           resolution=resolution, mask=mask, watch=watch, observer=observer, **chosen)
 
     def _train(self, model, clip, vae, images, name, trigger="sks", initializer="person", steps=600,
                learning_rate=0.0, stages=5, vectors_per_token=1, parametrisation="self-attention generator",
@@ -158,9 +157,10 @@ class SeFiTrainIdentity:
                scale_augmentation=False, seed=0, resolution=512, batch_size=1, checkpoint_every=100,
                resume_from="", overwrite=False, precision="auto", gradient_checkpointing=False, mask=None,
                keep_checkpoint=False, allow_multiple_people=False, compile_unet=False,
-               watch: WatchSettings = WatchSettings()):
+               watch: WatchSettings = WatchSettings(), observer=None):
         checked = checked_inputs(SeFiTrainIdentity, NODE_NAME, {key: value for key, value in locals().items()
-                                                               if key not in ("self", "watch", *HOST_OBJECTS)})
+                                                               if key not in ("self", "watch", "observer",
+                                                                              *HOST_OBJECTS)})
         images, mask = checked["images"], checked["mask"]
         (name, trigger, initializer, steps, learning_rate, stages, vectors_per_token, parametrisation, kv_split,
          attention_loss, attention_weight, loss_sites, masked_diffusion_loss, prompt_templates,
@@ -265,7 +265,7 @@ class SeFiTrainIdentity:
                     log.info("[SeFi] %s: compiling %d U-Net blocks (mode %s); the first step waits for it", name,
                              compiled_blocks, compile_mode(model.load_device))
                 result = self._run(generator, step_fn, settings, start_state, ckpt_path, name, photos, norms,
-                                   resume_from, watcher)
+                                   resume_from, watcher, observer)
             watcher.report(time.perf_counter() - started)
             peak = peak_memory_bytes(device)
             generator.eval()
@@ -331,7 +331,7 @@ class SeFiTrainIdentity:
         return TrainingWatch(watch, bar, name, identity_dir(), current_identity, render, history, parts)
 
     def _run(self, generator, step_fn, settings, start_state, ckpt_path: Path, name: str, photos: list[dict],
-             norms: dict[str, float], resume_from: str, watch: TrainingWatch):
+             norms: dict[str, float], resume_from: str, watch: TrainingWatch, observer=None):
         total = settings.steps
         saved_step = [start_state.step if start_state is not None else None]
         t0 = time.monotonic()
@@ -341,8 +341,8 @@ class SeFiTrainIdentity:
                 txt = " ".join(f"{k}={v:.4g}" for k, v in parts.items())
                 log.info("[SeFi] %s step %d/%d loss=%.5f %s (%.2f s/step)", name, step, total_, loss, txt,
                          (time.monotonic() - t0) / max(1, step - (start_state.step if start_state else 0)))
-            for hook in list(PROGRESS_HOOKS):
-                hook(step, total_, loss, parts)
+            if observer is not None:
+                observer(step, total_, loss, parts)
             watch.on_step(step, total_, loss, parts)  # the progress bar, its preview, samples and snapshots
 
         def should_stop():
