@@ -37,18 +37,23 @@ def gate_requests(count: int, seed: int = 7) -> list[Request]:
             continue
         framing = FRAMINGS[i % len(FRAMINGS)]
         options = [k for k in LOOK_ITEMS if k in VISIBLE_LOOK[framing] or k == "old"]
-        look: dict = {}
-        for name in rng.permutation(options)[: int(rng.integers(0, 4))]:
-            if name == "hair" and "old" not in look:
-                look["hair"] = str(rng.choice(WORDED_HAIR))
-            elif name == "eyes":
-                look["eyes"] = str(rng.choice(list(EYES)))
-            elif name == "old" and "hair" not in look:
-                look["old"] = True
-            elif name in ("glasses", "hat", "smiling"):
-                look[name] = True
-        requests.append(Request(scene=scene, framing=framing, look=look))
+        requests.append(Request(scene=scene, framing=framing, look=random_request_look(rng, options, 3)))
     return requests
+
+
+def random_request_look(rng: np.random.Generator, options: list[str], most: int) -> dict:
+    """Up to `most` worded attributes of `options` for a gate prompt (never old with a hair colour)."""
+    look: dict = {}
+    for name in rng.permutation(options)[: int(rng.integers(0, most + 1))]:
+        if name == "hair" and "old" not in look:
+            look["hair"] = str(rng.choice(WORDED_HAIR))
+        elif name == "eyes":
+            look["eyes"] = str(rng.choice(list(EYES)))
+        elif name == "old" and "hair" not in look:
+            look["old"] = True
+        elif name in ("glasses", "hat", "smiling"):
+            look[str(name)] = True
+    return look
 
 
 @dataclass

@@ -10,12 +10,12 @@ looks and views are not named. `pretraining_pair` is the one stream pretraining 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..captions import FRAMING_OPENERS, SCENE_NOUN, SCENE_PLACE, _attribute_phrases
-from ..render import EYES, SCENES, WORDED_HAIR, Look
+from ..captions import FRAMING_OPENERS, SCENE_NOUN, SCENE_PLACE, _attribute_phrases, fit_look
+from ..render import EYES, SCENES, Look
 from .render import FRAMINGS, FRAMING_LAYOUT, Facts, Identity, place, place_pair, random_look, random_view, \
     visible_look
 from .roster import ROSTER, unnamed_identity
@@ -148,16 +148,8 @@ def pretraining_pair(rng: np.random.Generator) -> tuple[Facts, str]:
 
 
 def request_look(request: Request, rng: np.random.Generator) -> Look:
-    """A random look that satisfies the request's worded attributes."""
-    fixed = dict(request.look)
-    if "hair" in fixed:
-        fixed.setdefault("old", False)      # a named hair colour is not grey
-    look = replace(random_look(rng), **fixed)
-    if look.old:
-        look = replace(look, hair="grey")
-    elif look.hair == "grey":
-        look = replace(look, hair=str(WORDED_HAIR[rng.integers(len(WORDED_HAIR))]))
-    return look
+    """A random look that satisfies the request's worded attributes (the second world's rule)."""
+    return fit_look(request.look, random_look(rng), rng)
 
 
 def request_facts(request: Request, identity: Identity, rng: np.random.Generator,

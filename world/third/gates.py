@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..gates import NEGATIVE, SAMPLER, sample_texts, save_grid
-from ..render import EYES, SCENES, WORDED_HAIR
+from ..gates import NEGATIVE, SAMPLER, Sampled, random_request_look, sample_texts, save_grid
+from ..render import SCENES
 from .captions import Request, prompt, request_facts
-from .read import REJECT_THRESHOLD, Reading, read
+from .read import REJECT_THRESHOLD, read
 from .render import CELL, FRAMING_LAYOUT, FRAMINGS, GRID, face_mask, render, visible_look
 from .roster import ROSTER, VALIDATION_PEOPLE, held_out_identities
 from .score import LOOK_ITEMS, chance_fidelity, identity_fidelity, shown, traits_right
@@ -66,27 +65,9 @@ def gate_requests(count: int, seed: int = 7) -> list[Request]:
         view = str(views[rng.integers(len(views))]) if len(views) > 1 and rng.random() < 0.8 else None
         name = str(NAMES[rng.integers(len(NAMES))]) if rng.random() < 0.5 else None
         shows = visible_look(framing, view or "front")
-        options = [k for k in LOOK_ITEMS if k in shows or k == "old"]
-        look: dict = {}
-        for item in rng.permutation(options)[: int(rng.integers(0, 3))]:
-            if item == "hair" and "old" not in look:
-                look["hair"] = str(WORDED_HAIR[rng.integers(len(WORDED_HAIR))])
-            elif item == "eyes":
-                look["eyes"] = str(list(EYES)[rng.integers(len(EYES))])
-            elif item == "old" and "hair" not in look:
-                look["old"] = True
-            elif item in ("glasses", "hat", "smiling"):
-                look[str(item)] = True
+        look = random_request_look(rng, [k for k in LOOK_ITEMS if k in shows or k == "old"], 2)
         requests.append(Request(scene=scene, framing=framing, view=view, name=name, look=look))
     return requests
-
-
-@dataclass
-class Sampled:
-    request: Request
-    prompt: str
-    image: np.ndarray
-    reading: Reading
 
 
 def sample(host, ckpt_name: str, requests: list[Request], seed: int = 0, sampler: dict = SAMPLER,

@@ -16,6 +16,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..read import image_to_cells as second_world_cells
 from ..render import CLOTHES, EYES, GLASSES, HAIR, HAT, LEGS, MARK, MOUTH, SCENES, SKIN_DARK, SKIN_LIGHT, Look
 from .render import (FRAMING_LAYOUT, FRAMINGS, GRID, TINTS, Identity, Person, background, face_box, pair_columns,
                      person_roles, single_placements, visible_look, visible_traits)
@@ -54,14 +55,7 @@ class Reading:
 
 def image_to_cells(image: np.ndarray) -> np.ndarray:
     """[H, W, 3] in 0..1 (H and W multiples of GRID) → [GRID, GRID, 3] cell means."""
-    image = np.asarray(image, dtype=np.float64)
-    if image.ndim != 3 or image.shape[2] < 3:
-        raise ValueError(f"expected an [H, W, 3] image, got shape {image.shape}")
-    h, w = image.shape[:2]
-    if h % GRID or w % GRID:
-        raise ValueError(f"a third-world picture is {GRID} × {GRID} cells (80 × 80 px, or any multiple of {GRID}); "
-                         f"got {w} × {h} px")
-    return image[..., :3].reshape(GRID, h // GRID, GRID, w // GRID, 3).mean(axis=(1, 3))
+    return second_world_cells(image, GRID)
 
 
 def _d2(cells: np.ndarray, colour) -> np.ndarray:

@@ -15,7 +15,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..render import (CLOTHES, EYES, GLASSES, HAIR, HAT, LEGS, MARK, MOUTH, SCENES, WORDED_HAIR, Look, skin_colour)
+from ..render import (CLOTHES, EYES, GLASSES, HAIR, HAT, LEGS, MARK, MOUTH, WORDED_HAIR, Look, cells_to_image,
+                      skin_colour)
+from ..render import background as second_world_background
 
 GRID = 10          # cells per side: room for two people side by side and a scene around them
 CELL = 8           # pixels per cell side (the VAE's downscale)
@@ -182,11 +184,7 @@ def role_colour(role: str, person: Person) -> np.ndarray | None:
 
 
 def background(scene: str, horizon: int = HORIZON) -> np.ndarray:
-    upper, lower = SCENES[scene]
-    cells = np.empty((GRID, GRID, 3))
-    cells[:horizon] = upper
-    cells[horizon:] = lower
-    return cells
+    return second_world_background(scene, horizon, GRID)
 
 
 def render_cells(facts: Facts) -> np.ndarray:
@@ -198,10 +196,6 @@ def render_cells(facts: Facts) -> np.ndarray:
             if colour is not None:
                 cells[r, c] = colour
     return cells
-
-
-def cells_to_image(cells: np.ndarray) -> np.ndarray:
-    return np.repeat(np.repeat(cells, CELL, axis=0), CELL, axis=1).astype(np.float32)
 
 
 def render(facts: Facts) -> np.ndarray:
