@@ -4,8 +4,6 @@ on four photos, and the demo's identity-beside-control rows. Mechanics only: wha
 third world's own weights (docs/world.md), which a CI test will hold to a reduced gate once a round is committed."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -16,11 +14,9 @@ SIZE = GRID * CELL
 
 
 @pytest.fixture(scope="module")
-def world3(host, world_unet_weights, tmp_path_factory):
-    folder = Path(host.folder_paths.get_folder_paths("checkpoints")[0])
-    path = third_checkpoint.ensure(folder, world_unet_weights)
-    assert path.name == third_checkpoint.NAME
-    return path, host.run("CheckpointLoaderSimple", ckpt_name=path.name)[:3]
+def world3(host, world3_sd15):
+    assert world3_sd15.name == third_checkpoint.NAME
+    return world3_sd15, host.run("CheckpointLoaderSimple", ckpt_name=world3_sd15.name)[:3]
 
 
 def test_third_world_gates_sample_read_and_rate_every_item(host, world3):
