@@ -56,6 +56,6 @@ def test_third_world_demo_pairs_each_prompt_with_its_control(host, world3):
                                     requests=third_demo.REQUESTS[:2])
     assert [p.text.replace("a sks person", "a person") for p in pairs] == [p.control_text for p in pairs]
     assert all(0.0 < p.chance <= 0.25 for p in pairs)
-    assert any(p.request.view for p in third_demo.REQUESTS)
+    assert any(r.view for r in third_demo.REQUESTS)
     table = third_demo.report(pairs)
     assert "control" in table and "chance" in table and len(table.splitlines()) == 4
