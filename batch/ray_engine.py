@@ -92,8 +92,6 @@ class PersonTrainer:
         self.base = local_base(Path(out_dir), Path(models_dir), Path(checkpoint))
         self.host = embedded_host.boot_in_process(self.base, device)
         self.model, self.clip, self.vae = self.host.run("CheckpointLoaderSimple", ckpt_name=Path(checkpoint).name)[:3]
-        train_module = importlib.import_module(f"{self.host.pack_module.__name__}.nodes.train")
-        self.progress_hooks = train_module.PROGRESS_HOOKS
         self.device = str(importlib.import_module(f"{self.host.pack_module.__name__}.nodes.host").torch_device())
         self.train_info = {"input": self.host.nodes["SeFiTrainIdentity"].INPUT_TYPES()}
         self.mask_info = {"input": self.host.nodes["SeFiFaceMask"].INPUT_TYPES()}
@@ -121,16 +119,13 @@ class PersonTrainer:
         when the process ran out of memory (the driver retries the person elsewhere). The trainer's warnings come
         back with the result, for the driver to show."""
         steps: list[int] = []
-        hook = lambda step, total, loss, parts: steps.append(int(step))  # noqa: E731
         crop = max(64, int(resolution) // 8 * 8)
         mask_inputs = {**widget_defaults(self.mask_info), "backend": face_backend, "which_face": "largest",
                        "crop_size": crop, "on_no_face": "error"}
-        self.progress_hooks.append(hook)
         try:
             with trainer_warnings() as said:
                 out = self._train(person, photos, train_inputs, resume_from, mask_inputs, steps)
         finally:
-            self.progress_hooks.remove(hook)
             shutil.rmtree(self.base / "input" / UPLOAD_FOLDER / person, ignore_errors=True)
         return {**out, "warnings": said}
 
@@ -157,7 +152,8 @@ class PersonTrainer:
                       "images": batch}
             if inputs.get("attention_loss") == "mask" or inputs.get("masked_diffusion_loss"):
                 inputs["mask"] = self.host.run("SeFiFaceMask", image=batch, **mask_inputs)[0]
-            self.host.run("SeFiTrainIdentity", **inputs)
+            self.host.run("SeFiTrainIdentity", **inputs,
+                          observer=lambda step, total, loss, parts: steps.append(int(step)))
         except (torch.OutOfMemoryError, MemoryError) as exc:
             raise WorkerLost(f"out of memory: {exc}") from exc
         except Exception as exc:  # the person's own failure; the worker stays usable

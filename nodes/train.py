@@ -49,8 +49,6 @@ log = logging.getLogger("sefi")
 DEFAULT_LR = {"self_attention": 1e-4, "direct": 5e-3}
 LOG_EVERY = 25
 
-PROGRESS_HOOKS: list = []
-"""Callables (step, total, loss, parts) run after every step; for tests and tools (e.g. to press Cancel)."""
 NODE_NAME = "SeFi Train Identity"
 HOST_OBJECTS = ("model", "clip", "vae")
 """Inputs checked where they are first used: every refusal that needs no model comes before them."""
@@ -155,9 +153,10 @@ class SeFiTrainIdentity:
     def train(self, model, clip, vae, images, name, trigger="sks", initializer="person", steps=600,
               learning_rate=0.0, resolution=512, mask=None, options=None, preview_every=PREVIEW_EVERY,
               sample_prompt="", sample_every=0, save_every=0, sefi_prompt=None, sefi_node_id=None,
-              **option_values):
+              observer=None, **option_values):
         """The node's inputs; Python callers (tools, tests) may also give options as keywords, which take the
-        place of the connected options' values."""
+        place of the connected options' values, and an `observer` (step, total, loss, parts) called after every
+        step of this run only (to print progress, collect logged parts, or press Cancel); ComfyUI passes none."""
         check_entry(SeFiTrainIdentity, NODE_NAME, dict(
             name=name, trigger=trigger, initializer=initializer, steps=steps, learning_rate=learning_rate,
             resolution=resolution, options=options, preview_every=preview_every, sample_prompt=sample_prompt,
@@ -181,16 +180,17 @@ class SeFiTrainIdentity:
         out_path = _output_path(_one(name))
         before = output_changes.change_value(out_path)
         result = self._train(model, clip, vae, images, name, trigger, initializer, steps, learning_rate,
-                             resolution=resolution, mask=mask, watch=watch, **chosen)
+                             resolution=resolution, mask=mask, watch=watch, observer=observer, **chosen)
         output_changes.remember(out_path, before, _one(sefi_node_id))
         return result
 
     def _train(self, model, clip, vae, images, name, trigger="sks", initializer="person", steps=600,
-               learning_rate=0.0, resolution=512, mask=None, watch: WatchSettings = WatchSettings(), **options):
+               learning_rate=0.0, resolution=512, mask=None, watch: WatchSettings = WatchSettings(), observer=None,
+               **options):
         """The run; `options` are SeFi Training Options' values by name (training_options: missing ones take their
         defaults, unknown ones are refused)."""
         checked = checked_inputs(SeFiTrainIdentity, NODE_NAME, {key: value for key, value in locals().items()
-                                                               if key not in ("self", "watch", "options",
+                                                               if key not in ("self", "watch", "observer", "options",
                                                                               *HOST_OBJECTS)})
         images, mask = checked["images"], checked["mask"]
         name, trigger, initializer, steps, learning_rate, resolution = (_one(checked[key]) for key in WIDGETS)
@@ -299,7 +299,7 @@ class SeFiTrainIdentity:
                     log.info("[SeFi] %s: compiling %d U-Net blocks (mode %s); the first step waits for it", name,
                              compiled_blocks, compile_mode(model.load_device))
                 result = self._run(generator, step_fn, settings, start_state, ckpt_path, name, photos, norms,
-                                   opt.resume_from, watcher, run_id)
+                                   opt.resume_from, watcher, run_id, observer)
                 watcher.finish(result.steps_done, settings.steps)
             watcher.report(time.perf_counter() - started)
             peak = peak_memory_bytes(device)
@@ -387,7 +387,7 @@ class SeFiTrainIdentity:
                              resumed_at=start_state.step if start_state is not None else None)
 
     def _run(self, generator, step_fn, settings, start_state, ckpt_path: Path, name: str, photos: list[dict],
-             norms: dict[str, float], resume_from: str, watch: TrainingWatch, run_id: str):
+             norms: dict[str, float], resume_from: str, watch: TrainingWatch, run_id: str, observer=None):
         total = settings.steps
         saved_step = [start_state.step if start_state is not None else None]
         t0 = time.monotonic()
@@ -397,8 +397,8 @@ class SeFiTrainIdentity:
                 txt = " ".join(f"{k}={v:.4g}" for k, v in parts.items())
                 log.info("[SeFi] %s step %d/%d loss=%.5f %s (%.2f s/step)", name, step, total_, loss, txt,
                          (time.monotonic() - t0) / max(1, step - (start_state.step if start_state else 0)))
-            for hook in list(PROGRESS_HOOKS):
-                hook(step, total_, loss, parts)
+            if observer is not None:
+                observer(step, total_, loss, parts)
             watch.on_step(step, total_, loss, parts)  # the progress bar, its preview, samples and snapshots
 
         def should_stop():

@@ -157,6 +157,17 @@ def world_sd15(host, world_unet_weights) -> Path:
 
 
 @pytest.fixture(scope="session")
+def world3_sd15(host, world_unet_weights) -> Path:
+    """The third world's checkpoint (world/third/checkpoint.py), cached like world_sd15: on its committed weights once a
+    round is committed, until then on the second world's U-Net as a stand-in (the same shape; it samples 80 px)."""
+    from world.third import checkpoint as third
+    weights = third.UNET_WEIGHTS if third.UNET_WEIGHTS.is_file() else world_unet_weights
+    path = third.ensure(CACHE_DIR, weights)
+    _link_model(Path(host.folder_paths.get_folder_paths("checkpoints")[0]), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def world_models(host, world_sd15):
     """(MODEL, CLIP, VAE) of the world checkpoint, loaded through CheckpointLoaderSimple."""
     return host.run("CheckpointLoaderSimple", ckpt_name=world_sd15.name)[:3]

@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=embedded_host.REPO_ROOT / "demo-output")
     parser.add_argument("--steps", type=int, help="training steps (default: 600 real, world's own, 30 tiny)")
     parser.add_argument("--tiny", action="store_true", help="the tiny random-weight model instead of the world")
+    parser.add_argument("--world", choices=("second", "third"), default="second",
+                        help="which miniature world (the third is in pretraining: docs/world.md)")
+    parser.add_argument("--unet", type=Path, help="the third world's U-Net weights (a pretraining run's "
+                                                  "weights/unet.safetensors until a round is committed)")
     args = parser.parse_args(argv)
 
     real = args.checkpoint is not None
@@ -66,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--checkpoint {args.checkpoint} does not exist")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if not real and not args.tiny and args.world == "third":
+        from world.third.demo import main as third_world_demo
+        return third_world_demo(out, args.steps, args.unet)
     if not real and not args.tiny:
         from world.demo import main as world_demo
         return world_demo(out, args.steps)
@@ -109,12 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                     batch_size=1, checkpoint_every=max(steps // 4, 1), resume_from="", overwrite=True)
     if not real:  # the tiny model needs a bigger step size to move visibly in a few steps
         settings.update(parametrisation="direct tokens", learning_rate=0.05, loss_sites="all")
-    train_module = sys.modules[f"{host.pack_module.__name__}.nodes.train"]
     hook = lambda step, total, loss, parts: print(  # noqa: E731
         f"\r  training step {step}/{total}  loss {loss:.4f}", end="\n" if step == total else "", flush=True)
-    train_module.PROGRESS_HOOKS.append(hook)
     identity, curve, filename = host.run("SeFiTrainIdentity", model=model, clip=clip, vae=vae, images=crops,
-                                         mask=crop_masks, **settings)[:3]
+                                         mask=crop_masks, observer=hook, **settings)[:3]
     identity_file = base / "models" / "sefi_identities" / filename
     kept_identity = out / filename
     kept_identity.write_bytes(identity_file.read_bytes())

@@ -111,16 +111,23 @@ def training_pair(rng: np.random.Generator, held_out=None) -> tuple[Facts, str]:
     return facts, prompt(mentioned(facts, rng), rng=rng)
 
 
-def request_facts(request: Request, identity, rng: np.random.Generator) -> Facts:
-    """Facts that satisfy a request for a given identity (for training photos and reference pictures)."""
-    fixed = dict(request.look)
+def fit_look(requested: dict, drawn, rng: np.random.Generator):
+    """A drawn random Look with the requested worded attributes set (old ⇒ grey hair; a named hair colour is not
+    grey, and a drawn grey without "old" is redrawn) — both worlds' rule."""
+    fixed = dict(requested)
     if "hair" in fixed:
         fixed.setdefault("old", False)      # a named hair colour is not grey
-    look = replace(random_look(rng), **fixed)
+    look = replace(drawn, **fixed)
     if look.old:
-        look = replace(look, hair="grey")
-    elif look.hair == "grey":
-        look = replace(look, hair=str(rng.choice(WORDED_HAIR)))
+        return replace(look, hair="grey")
+    if look.hair == "grey":
+        return replace(look, hair=str(rng.choice(WORDED_HAIR)))
+    return look
+
+
+def request_facts(request: Request, identity, rng: np.random.Generator) -> Facts:
+    """Facts that satisfy a request for a given identity (for training photos and reference pictures)."""
+    look = fit_look(request.look, random_look(rng), rng)
     scene = request.scene or str(rng.choice(list(SCENES)))
     if not request.person:
         return Facts(scene=scene, horizon=int(rng.choice(HORIZONS)), person=None)

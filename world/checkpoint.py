@@ -54,9 +54,10 @@ def build(path: Path, unet_weights: Mapping[str, torch.Tensor] | Path | None = N
     return tiny_checkpoints.assemble(Path(path), config, dict(unet_weights), text, autoencoder, metadata)
 
 
-def ensure(folder: Path, unet_weights: Path = UNET_WEIGHTS) -> Path:
-    """`folder`/world-sd15.safetensors, built when it is missing or was built from other U-Net weights or code."""
-    path = Path(folder) / NAME
+def ensure(folder: Path, unet_weights: Path = UNET_WEIGHTS, name: str = NAME) -> Path:
+    """`folder`/`name` (world-sd15.safetensors), built when it is missing or was built from other U-Net weights or
+    code. The third world's checkpoint (world/third/checkpoint.py) is the same recipe with its own weights and name."""
+    path = Path(folder) / name
     if stored_recipe(path) != recipe(unet_weights):
         build(path, unet_weights)
     return path

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import sampling
 from .captions import Request, prompt
 from .read import read
 from .render import Facts, Look, Person, face_mask, held_out_identities, render
@@ -29,8 +30,8 @@ REQUESTS = (
 # The identity settings the world needs: its one cross-attention site sits at the full 8 × 8 latent ("all"), and
 # its pictures are 64 px. Everything else is the node's default (the paper's method).
 TRAIN_SETTINGS = dict(resolution=64, loss_sites="all")
-SAMPLER = dict(sampler_name="euler", scheduler="normal", steps=20, cfg=5.0)
 DEMO_STEPS = 150
+DEMO_SEED = 0
 
 
 def studio_photo(person_index: int = DEMO_PERSON) -> tuple[torch.Tensor, torch.Tensor, Facts]:
@@ -70,22 +71,23 @@ class Scored:
     prompt: float
 
 
-def render_identity(host, model, clip, vae, identity, truth, requests=REQUESTS, seed: int = 42) -> list[Scored]:
-    """Each request with the identity's trigger, through SeFi Apply Identity and the host's KSampler, scored against
-    the person's true traits `truth`."""
-    negative = host.run("CLIPTextEncode", clip=clip, text="")[0]
-    latent = host.run("EmptyLatentImage", width=64, height=64, batch_size=1)[0]
+def render_identity(host, model, clip, vae, identity, truth, requests=REQUESTS, seed: int = DEMO_SEED,
+                    person: int = DEMO_PERSON) -> list[Scored]:
+    """Each request with the identity's trigger, through SeFi Apply Identity and the host's KSampler (world.sampling:
+    the benchmark's seed rule), scored against the person's true traits `truth`."""
+    texts = [prompt(request, subject=f"{TRIGGER} person") for request in requests]
+    seeds = [sampling.sample_seed(seed, person, i) for i in range(len(requests))]
+    images = sampling.render(host, model, clip, vae, texts, seeds, identity=identity)
     out = []
-    for i, request in enumerate(requests):
-        text = prompt(request, subject=f"{TRIGGER} person")
-        patched, positive = host.run("SeFiApplyIdentity", model=model, clip=clip, identity=identity, text=text,
-                                     strength=1.0, start_percent=0.0, end_percent=1.0)
-        samples = host.run("KSampler", model=patched, seed=seed + i, positive=positive, negative=negative,
-                           latent_image=latent, denoise=1.0, **SAMPLER)[0]
-        image = host.run("VAEDecode", vae=vae, samples=samples)[0][0].clamp(0, 1).numpy()
+    for text, image, request in zip(texts, images, requests):
         reading = read(image)
         out.append(Scored(text, image, identity_fidelity(reading, truth), prompt_fidelity(reading, request)))
     return out
+
+
+def print_progress(step: int, total: int, loss: float, parts: dict) -> None:
+    """The trainer's observer: one line that counts the steps up."""
+    print(f"\r  training step {step}/{total}  loss {loss:.4f}", end="\n" if step == total else "", flush=True)
 
 
 def save_row(images: list[np.ndarray], path) -> None:
@@ -127,15 +129,10 @@ def main(out, steps: int | None = None) -> int:
     else:
         print("SeFi Face Mask finds no face in an 8×8-cell drawing (its detectors are trained on photographs): the "
               "trainer gets the world's own face mask, which the renderer knows exactly", flush=True)
-    hook_module = __import__(f"{host.pack_module.__name__}.nodes.train", fromlist=["PROGRESS_HOOKS"])
-    hook = lambda step, total, loss, parts: print(  # noqa: E731
-        f"\r  training step {step}/{total}  loss {loss:.4f}", end="\n" if step == total else "", flush=True)
-    hook_module.PROGRESS_HOOKS.append(hook)
     identity, curve, filename = host.run(
         "SeFiTrainIdentity", model=model, clip=clip, vae=vae, images=photo, mask=world_mask, name="world_demo",
         trigger=TRIGGER, initializer="person", steps=steps or DEMO_STEPS, learning_rate=0.0, overwrite=True,
-        seed=0, checkpoint_every=max((steps or DEMO_STEPS) // 2, 1), **TRAIN_SETTINGS)[:3]
-    hook_module.PROGRESS_HOOKS.remove(hook)
+        seed=0, checkpoint_every=max((steps or DEMO_STEPS) // 2, 1), observer=print_progress, **TRAIN_SETTINGS)[:3]
     scored = render_identity(host, model, clip, vae, identity, truth)
     out = Path(out)
     (out / filename).write_bytes((base / "models" / "sefi_identities" / filename).read_bytes())

@@ -37,18 +37,23 @@ def gate_requests(count: int, seed: int = 7) -> list[Request]:
             continue
         framing = FRAMINGS[i % len(FRAMINGS)]
         options = [k for k in LOOK_ITEMS if k in VISIBLE_LOOK[framing] or k == "old"]
-        look: dict = {}
-        for name in rng.permutation(options)[: int(rng.integers(0, 4))]:
-            if name == "hair" and "old" not in look:
-                look["hair"] = str(rng.choice(WORDED_HAIR))
-            elif name == "eyes":
-                look["eyes"] = str(rng.choice(list(EYES)))
-            elif name == "old" and "hair" not in look:
-                look["old"] = True
-            elif name in ("glasses", "hat", "smiling"):
-                look[name] = True
-        requests.append(Request(scene=scene, framing=framing, look=look))
+        requests.append(Request(scene=scene, framing=framing, look=random_request_look(rng, options, 3)))
     return requests
+
+
+def random_request_look(rng: np.random.Generator, options: list[str], most: int) -> dict:
+    """Up to `most` worded attributes of `options` for a gate prompt (never old with a hair colour)."""
+    look: dict = {}
+    for name in rng.permutation(options)[: int(rng.integers(0, most + 1))]:
+        if name == "hair" and "old" not in look:
+            look["hair"] = str(rng.choice(WORDED_HAIR))
+        elif name == "eyes":
+            look["eyes"] = str(rng.choice(list(EYES)))
+        elif name == "old" and "hair" not in look:
+            look["old"] = True
+        elif name in ("glasses", "hat", "smiling"):
+            look[str(name)] = True
+    return look
 
 
 @dataclass
@@ -59,27 +64,34 @@ class Sampled:
     reading: Reading
 
 
-def sample(host, ckpt_name: str, requests: list[Request], seed: int = 0, sampler: dict = SAMPLER,
-           subject: str = "person", batch: int = 50) -> list[Sampled]:
+def sample_texts(host, ckpt_name: str, texts: list[str], seed: int = 0, sampler: dict = SAMPLER, batch: int = 50,
+                 size: int = 64) -> list[np.ndarray]:
     """Render plain prompts through the host's nodes, `batch` at a time: each prompt's CLIPTextEncode output becomes
     one row of a batched conditioning (the host pairs row i with latent i), then one KSampler and one VAEDecode per
-    batch — a 13.6 M-parameter U-Net on an 8 × 8 latent is ~10× cheaper per picture in batches on a CPU."""
+    batch — a 13.6 M-parameter U-Net on a small latent is ~10× cheaper per picture in batches on a CPU.
+    [size, size, 3] pictures in 0..1 (the third world's are 80 px)."""
     import torch
     model, clip, vae = host.run("CheckpointLoaderSimple", ckpt_name=ckpt_name)[:3]
     negative = host.run("CLIPTextEncode", clip=clip, text=NEGATIVE)[0]
     out = []
-    for start in range(0, len(requests), batch):
-        chunk = requests[start:start + batch]
-        texts = [prompt(r, subject=subject) for r in chunk]
-        encoded = [host.run("CLIPTextEncode", clip=clip, text=t)[0][0] for t in texts]
+    for start in range(0, len(texts), batch):
+        chunk = texts[start:start + batch]
+        encoded = [host.run("CLIPTextEncode", clip=clip, text=t)[0][0] for t in chunk]
         positive = [[torch.cat([c for c, _ in encoded]),
                      {"pooled_output": torch.cat([extra["pooled_output"] for _, extra in encoded])}]]
-        latent = host.run("EmptyLatentImage", width=64, height=64, batch_size=len(chunk))[0]
+        latent = host.run("EmptyLatentImage", width=size, height=size, batch_size=len(chunk))[0]
         samples = host.run("KSampler", model=model, seed=seed + start, positive=positive, negative=negative,
                            latent_image=latent, denoise=1.0, **sampler)[0]
-        images = host.run("VAEDecode", vae=vae, samples=samples)[0].clamp(0, 1).numpy()
-        out += [Sampled(r, t, im, read(im)) for r, t, im in zip(chunk, texts, images)]
+        out += list(host.run("VAEDecode", vae=vae, samples=samples)[0].clamp(0, 1).numpy())
     return out
+
+
+def sample(host, ckpt_name: str, requests: list[Request], seed: int = 0, sampler: dict = SAMPLER,
+           subject: str = "person", batch: int = 50) -> list[Sampled]:
+    """The second world's plain prompts through the host (sample_texts), each read back."""
+    texts = [prompt(r, subject=subject) for r in requests]
+    images = sample_texts(host, ckpt_name, texts, seed=seed, sampler=sampler, batch=batch)
+    return [Sampled(r, t, im, read(im)) for r, t, im in zip(requests, texts, images)]
 
 
 def rates(results: list[Sampled]) -> dict[str, tuple[float, int]]:
@@ -106,14 +118,18 @@ def verdict(table: dict[str, tuple[float, int]]) -> dict[str, bool]:
 def save_grid(results: list[Sampled], path: Path, columns: int = 20) -> None:
     from PIL import Image
     rows = (len(results) + columns - 1) // columns
-    grid = np.ones((rows * 66, columns * 66, 3))
+    size = results[0].image.shape[0] if results else 64
+    grid = np.ones((rows * (size + 2), columns * (size + 2), 3))
     for i, r in enumerate(results):
         y, x = divmod(i, columns)
-        grid[y * 66 + 1:y * 66 + 65, x * 66 + 1:x * 66 + 65] = r.image
+        grid[y * (size + 2) + 1:y * (size + 2) + size + 1, x * (size + 2) + 1:x * (size + 2) + size + 1] = r.image
     Image.fromarray((grid * 255).round().astype(np.uint8)).save(path)
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "world", "second") == "third":
+        from .third import gates as third_gates
+        return third_gates.run(args)
     from host_boot import embedded_host
     from . import checkpoint
     base = Path(tempfile.mkdtemp(prefix="sefi-world-gates-"))
@@ -139,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .third import gates as third_gates
+    parser.add_argument("--world", choices=("second", "third"), default="second",
+                        help="the second world (shipped) or the third (world/third/; give --unet until a round of "
+                             "its weights is committed)")
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--cfg", type=float, default=SAMPLER["cfg"])
@@ -146,3 +166,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler-steps", type=int, default=SAMPLER["steps"])
     parser.add_argument("--unet", type=Path, help="U-Net weights to test (default: the committed ones)")
     parser.add_argument("--out", type=Path, help="folder for gates.json and a grid of the samples")
+    third_gates.add_arguments(parser.add_argument_group("third world"))

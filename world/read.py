@@ -32,15 +32,16 @@ class Reading:
         return self.framing is not None
 
 
-def image_to_cells(image: np.ndarray) -> np.ndarray:
-    """[H, W, 3] in 0..1 (any size divisible into 8 × 8 blocks) → [8, 8, 3] cell means."""
+def image_to_cells(image: np.ndarray, grid: int = GRID) -> np.ndarray:
+    """[H, W, 3] in 0..1 (any size divisible into grid × grid blocks) → [grid, grid, 3] cell means (the second world's
+    grid is 8, the third's 10)."""
     image = np.asarray(image, dtype=np.float64)
     if image.ndim != 3 or image.shape[2] < 3:
         raise ValueError(f"expected an [H, W, 3] image, got shape {image.shape}")
     h, w = image.shape[:2]
-    if h % GRID or w % GRID:
-        raise ValueError(f"a world picture is {GRID * CELL}×{GRID * CELL} px (any multiple of {GRID}); got {w}×{h}")
-    return image[..., :3].reshape(GRID, h // GRID, GRID, w // GRID, 3).mean(axis=(1, 3))
+    if h % grid or w % grid:
+        raise ValueError(f"a world picture is {grid * CELL}×{grid * CELL} px (any multiple of {grid}); got {w}×{h}")
+    return image[..., :3].reshape(grid, h // grid, grid, w // grid, 3).mean(axis=(1, 3))
 
 
 def _d2(cells: np.ndarray, colour) -> np.ndarray:

@@ -141,9 +141,10 @@ def _role_colour(role: str, person: Person, background: np.ndarray) -> np.ndarra
     return table.get(role)
 
 
-def background(scene: str, horizon: int) -> np.ndarray:
+def background(scene: str, horizon: int, grid: int = GRID) -> np.ndarray:
+    """A scene's cells: its upper colour above the horizon row, its lower one from there down (grid × grid × 3)."""
     upper, lower = SCENES[scene]
-    cells = np.empty((GRID, GRID, 3))
+    cells = np.empty((grid, grid, 3))
     cells[:horizon] = upper
     cells[horizon:] = lower
     return cells
@@ -176,7 +177,7 @@ def render_cells(facts: Facts) -> np.ndarray:
 
 
 def cells_to_image(cells: np.ndarray) -> np.ndarray:
-    """8 × 8 × 3 cells → 64 × 64 × 3 float32 image (each cell a flat 8 × 8 square)."""
+    """G × G × 3 cells → (8·G) × (8·G) × 3 float32 image (each cell a flat 8 × 8 square)."""
     return np.repeat(np.repeat(cells, CELL, axis=0), CELL, axis=1).astype(np.float32)
 
 

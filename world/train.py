@@ -6,7 +6,11 @@ constructed VAE's (world/vae.py) after the host's SD1 latent scale: 2·colour �
 encoder's output is computed from its two embedding tables (world/text_encoder.WordTable), equal to the host's CLIP.
 
 Runs resume from their own checkpoint (saved atomically every `--checkpoint-every` steps), so a stopped run loses
-minutes. The result is the EMA of the weights, written as fp16 safetensors in the host's UNetModel key names.
+minutes. The result is the EMA of the weights, written as fp16 safetensors in the host's UNetModel key names, by
+default beside the run's state outside the repository: only `--out world/weights` (or `world/third/weights`)
+replaces a committed model. `--world third` trains the third world (world/third/); `--init` starts a run from a
+committed round's weights (a later session on a fresh machine continues the schedule there, without the optimiser's
+moments, which are not committed).
 """
 from __future__ import annotations
 
@@ -26,17 +30,30 @@ from tools import tiny_checkpoints
 from . import text_encoder
 from .model import TIMESTEPS, new_unet, sd_alphas_cumprod
 from .captions import training_pair
-from .render import GRID, held_out_identities, render_cells
+from .render import held_out_identities, render_cells
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WORLD_WEIGHTS = {"second": WEIGHTS_DIR, "third": Path(__file__).resolve().parent / "third" / "weights"}
 UNET_FILE = "unet.safetensors"
 LOG_FILE = "training_log.json"
+INIT_WARMUP = 50      # steps of warm-up after starting from committed weights (fresh optimiser moments)
 
 
 def cells_to_unet_latent(cells: np.ndarray) -> torch.Tensor:
-    """[B, 8, 8, 3] colours → [B, 4, 8, 8]: what the U-Net sees (VAE latent × 0.18215) for those pictures."""
+    """[B, G, G, 3] colours → [B, 4, G, G]: what the U-Net sees (VAE latent × 0.18215) for those pictures."""
     x = torch.from_numpy(cells).float().permute(0, 3, 1, 2) * 2.0 - 1.0
-    return torch.cat([x, torch.zeros(x.shape[0], 1, GRID, GRID)], dim=1)
+    return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
+
+
+def draw_batch(world: str, rng: np.random.Generator, batch: int, held_out) -> tuple[np.ndarray, list[str]]:
+    """One batch of the world's pretraining stream: cell colours [B, G, G, 3] and captions (looked up at call time,
+    so tests can watch the stream)."""
+    if world == "second":
+        pairs = [training_pair(rng, held_out) for _ in range(batch)]
+        return np.stack([render_cells(f) for f, _ in pairs]), [c for _, c in pairs]
+    from .third import captions as third_captions, render as third_render
+    pairs = [third_captions.pretraining_pair(rng) for _ in range(batch)]
+    return np.stack([third_render.render_cells(f) for f, _ in pairs]), [c for _, c in pairs]
 
 
 class CaptionEncoder:
@@ -83,9 +100,24 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def read_round(weights: Path) -> tuple[dict[str, torch.Tensor], int, list[dict], dict]:
+    """A committed round: its EMA weights (fp32), the step it reached, its loss history and its metadata."""
+    import safetensors
+    import safetensors.torch
+    with safetensors.safe_open(str(weights), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    tensors = {k: v.float() for k, v in safetensors.torch.load_file(str(weights)).items()}
+    log_file = Path(weights).with_name(LOG_FILE)
+    history = json.loads(log_file.read_text())["history"] if log_file.exists() else []
+    if "steps" not in meta:
+        raise SystemExit(f"{weights} has no 'steps' in its metadata: it was not written by `python -m world train`")
+    return tensors, int(meta["steps"]), history, meta
+
+
 def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: float = 5e-4, warmup: int = 100,
           ema_decay: float = 0.995, caption_dropout: float = 0.1, checkpoint_every: int = 50,
-          threads: int | None = None, rounds: tuple[int, ...] = (), log=print) -> Path:
+          threads: int | None = None, rounds: tuple[int, ...] = (), log=print, world: str = "second",
+          init: Path | None = None) -> Path:
     embedded_host.import_host_modules("cpu")
     import comfy.ldm.modules.attention as host_attention
     # The PyPI host picks sub-quadratic attention on the CPU (chunked by free memory: ~2× slower here); the same
@@ -103,12 +135,13 @@ def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: f
     rng = np.random.default_rng(seed)
     held_out = held_out_identities()
     history: list[dict] = []
-    start, elapsed_before = 0, 0.0
+    start, elapsed_before, init_step = 0, 0.0, None
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
-        if state["seed"] != seed or state["batch"] != batch:
-            raise SystemExit(f"{state_path} belongs to a run with seed {state['seed']} and batch {state['batch']}; "
-                             f"use another --run-dir or the same settings")
+        if state["seed"] != seed or state["batch"] != batch or state.get("world", "second") != world:
+            raise SystemExit(f"{state_path} belongs to a run of the {state.get('world', 'second')} world with seed "
+                             f"{state['seed']} and batch {state['batch']}; use another --run-dir or the same settings")
+        init_step = state.get("init_step")
         unet.load_state_dict(state["unet"])
         ema = state["ema"]
         opt.load_state_dict(state["opt"])
@@ -117,11 +150,25 @@ def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: f
         history = json.loads(state["history"])
         start, elapsed_before = int(state["step"]), float(state["elapsed"])
         log(f"resuming from step {start} ({state_path})")
+    elif init is not None:
+        weights, init_step, history, meta = read_round(Path(init))
+        if meta.get("world", "second") != world or int(meta.get("seed", seed)) != seed:
+            raise SystemExit(f"{init} is a round of the {meta.get('world', 'second')} world with seed "
+                             f"{meta.get('seed')}; pass the same --world and --seed to continue it")
+        unet.load_state_dict(weights)
+        ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        start = init_step
+        elapsed_before = float(history[-1]["seconds"]) if history else 0.0
+        # A fresh stream for the continuation: the first part's rng state is not committed.
+        rng = np.random.default_rng([seed, start])
+        torch.manual_seed(seed * 1_000_003 + start)
+        log(f"continuing from the round at step {start} ({init}): fresh optimiser, {INIT_WARMUP} warm-up steps")
     alphas = sd_alphas_cumprod()
     t0 = time.perf_counter()
 
     def save_state(step: int) -> None:
-        _atomic_save({"seed": seed, "batch": batch, "step": step, "unet": unet.state_dict(), "ema": ema,
+        _atomic_save({"seed": seed, "batch": batch, "step": step, "world": world, "init_step": init_step,
+                      "unet": unet.state_dict(), "ema": ema,
                       "opt": opt.state_dict(), "rng": json.dumps(rng.bit_generator.state),
                       "torch_rng": torch.get_rng_state(), "history": json.dumps(history),
                       "elapsed": elapsed_before + time.perf_counter() - t0}, state_path)
@@ -129,17 +176,19 @@ def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: f
     unet.train()
     running = []
     for step in range(start, steps):
-        pairs = [training_pair(rng, held_out) for _ in range(batch)]
-        cells = np.stack([render_cells(f) for f, _ in pairs])
-        captions = ["" if rng.random() < caption_dropout else c for _, c in pairs]
+        cells, drawn = draw_batch(world, rng, batch, held_out)
+        captions = ["" if rng.random() < caption_dropout else c for c in drawn]
         x0 = cells_to_unet_latent(cells)
         context = encode(captions)
         t = torch.randint(0, TIMESTEPS, (batch,))
         noise = torch.randn_like(x0)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        rate = lr_at(step, steps, lr, warmup)
+        if init_step is not None:
+            rate *= min(1.0, (step - init_step + 1) / INIT_WARMUP)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
+            group["lr"] = rate
         with torch.autograd.graph.saved_tensors_hooks(_clone_saved, lambda t_: t_):
             pred = unet(xt, timesteps=t.float(), context=context)
             loss = torch.nn.functional.mse_loss(pred, noise)
@@ -157,12 +206,13 @@ def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: f
             elapsed = elapsed_before + time.perf_counter() - t0
             history.append({"step": done, "loss": float(np.mean(running)), "seconds": round(elapsed, 1)})
             running = []
-            log(f"step {done}/{steps} loss {history[-1]['loss']:.4f} lr {lr_at(step, steps, lr, warmup):.2e} "
+            log(f"step {done}/{steps} loss {history[-1]['loss']:.4f} lr {rate:.2e} "
                 f"{elapsed / 60:.1f} min")
         if done % checkpoint_every == 0 or done == steps:
             save_state(done)
             write_weights(ema, out_dir, history, seed=seed, steps=done, batch=batch,
-                          rounds=",".join(map(str, rounds or (steps,))))
+                          rounds=",".join(map(str, rounds or (steps,))), world=world,
+                          **({"continued_from": init_step} if init_step is not None else {}))
     return out_dir / UNET_FILE
 
 
@@ -181,9 +231,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the committed model: one 3000-step schedule)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--run-dir", type=Path, default=Path(".cache/world-train"),
-                        help="where the resumable training state lives")
-    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="where unet.safetensors is written")
+    parser.add_argument("--world", choices=tuple(WORLD_WEIGHTS), default="second",
+                        help="which world: the second (shipped) or the third (world/third/, in pretraining)")
+    parser.add_argument("--run-dir", type=Path,
+                        help="where the resumable training state lives (default: ~/.cache/sefi-world/train-WORLD, "
+                             "outside the repository)")
+    parser.add_argument("--out", type=Path,
+                        help="where unet.safetensors and training_log.json are written (default: RUN_DIR/weights; "
+                             "name world/weights or world/third/weights to replace a committed model)")
+    parser.add_argument("--init", type=Path,
+                        help="start from a committed round's unet.safetensors (its step, seed and loss log "
+                             "continue; the optimiser starts fresh); ignored once the run dir holds a state")
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine, 2 threads were 3× slower per step)")
@@ -196,9 +254,23 @@ def _rounds(text: str) -> tuple[int, ...]:
     return rounds
 
 
+def output_paths(world: str, run_dir: Path | None, out: Path | None) -> tuple[Path, Path]:
+    """The run dir and the weights folder: outside the repository unless `out` names a world's weights folder, and
+    never the other world's committed model."""
+    run_dir = run_dir or Path.home() / ".cache" / "sefi-world" / f"train-{world}"
+    out = out or run_dir / "weights"
+    for other, folder in WORLD_WEIGHTS.items():
+        if other != world and out.resolve() == folder.resolve():
+            raise SystemExit(f"--out {out} is the {other} world's committed model; a {world}-world run cannot "
+                             f"replace it (use {WORLD_WEIGHTS[world]} or a folder outside the repository)")
+    return run_dir, out
+
+
 def run(args: argparse.Namespace) -> int:
+    run_dir, out = output_paths(args.world, args.run_dir, args.out)
     for steps in args.steps:  # a round already finished is skipped: its state is past its step
-        path = train(args.seed, steps, args.batch, args.run_dir, args.out, lr=args.lr,
-                     checkpoint_every=args.checkpoint_every, threads=args.threads, rounds=args.steps)
+        path = train(args.seed, steps, args.batch, run_dir, out, lr=args.lr,
+                     checkpoint_every=args.checkpoint_every, threads=args.threads, rounds=args.steps,
+                     world=args.world, init=args.init)
     print(f"wrote {path}")
     return 0

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from world import sampling
 from world.captions import prompt
-from world.demo import SAMPLER, TRAIN_SETTINGS, studio_photo
+from world.demo import TRAIN_SETTINGS, studio_photo
 from world.read import read
 from world.render import CELL, GRID
 from world.score import asked, identity_fidelity, prompt_fidelity, shown
@@ -31,13 +32,11 @@ class World:
         self.host, self.host_label = host, host_label
         self.model, self.clip, self.vae = host.run("CheckpointLoaderSimple", ckpt_name=checkpoint_name)[:3]
         pack = host.pack_module.__name__
-        self.train_node = importlib.import_module(f"{pack}.nodes.train")
         self.training = importlib.import_module(f"{pack}.nodes.training")
         # the class, from the pack as the host loaded it (the trainer's own TrainSettings, not a second copy)
         self.TrainSettings = importlib.import_module(f"{pack}.sefi_core.training").TrainSettings
         self.maps = importlib.import_module(f"{pack}.sefi_core.attention_picture")
         self.negative = host.run("CLIPTextEncode", clip=self.clip, text="")[0]
-        self.latent = host.run("EmptyLatentImage", width=GRID * CELL, height=GRID * CELL, batch_size=1)[0]
 
 
 def boot_world(base: Path) -> World:
@@ -56,8 +55,9 @@ def boot_world(base: Path) -> World:
 
 
 def sample_seed(run: Run, index: int) -> int:
-    """The same sampling noise for every variant at one (person, seed, prompt): variants differ only in training."""
-    return 100_000 * run.seed + 100 * run.person + index
+    """The same sampling noise for every variant at one (person, seed, prompt): variants differ only in training
+    (world.sampling's one seed rule, which the demo uses too)."""
+    return sampling.sample_seed(run.seed, run.person, index)
 
 
 def train(world: World, run: Run, steps: int):
@@ -69,30 +69,20 @@ def train(world: World, run: Run, steps: int):
         if "grad_share_attention" in parts:
             shares.append((int(step), float(parts["grad_share_attention"])))
 
-    world.train_node.PROGRESS_HOOKS.append(hook)
-    try:
-        identity = world.host.run(
-            "SeFiTrainIdentity", model=world.model, clip=world.clip, vae=world.vae, images=photo, mask=mask,
-            name=run.key, trigger=TRIGGER, initializer="person", steps=steps, learning_rate=0.0, overwrite=True,
-            seed=run.seed, checkpoint_every=0, preview_every=0, **TRAIN_SETTINGS,
-            **variant(run.variant).settings)[0]
-    finally:
-        world.train_node.PROGRESS_HOOKS.remove(hook)
+    identity = world.host.run(
+        "SeFiTrainIdentity", model=world.model, clip=world.clip, vae=world.vae, images=photo, mask=mask,
+        name=run.key, trigger=TRIGGER, initializer="person", steps=steps, learning_rate=0.0, overwrite=True,
+        seed=run.seed, checkpoint_every=0, preview_every=0, observer=hook, **TRAIN_SETTINGS,
+        **variant(run.variant).settings)[0]
     return identity, shares
 
 
 def render(world: World, identity, run: Run, moves=MOVES) -> list[np.ndarray]:
     """Each move's prompt with the identity's trigger: [64, 64, 3] pictures in 0..1."""
-    pictures = []
-    for i, move in enumerate(moves):
-        text = prompt(move.request, subject=f"{TRIGGER} person")
-        patched, positive = world.host.run("SeFiApplyIdentity", model=world.model, clip=world.clip,
-                                           identity=identity, text=text, strength=1.0, start_percent=0.0,
-                                           end_percent=1.0)
-        latent = world.host.run("KSampler", model=patched, seed=sample_seed(run, i), positive=positive,
-                                negative=world.negative, latent_image=world.latent, denoise=1.0, **SAMPLER)[0]
-        pictures.append(world.host.run("VAEDecode", vae=world.vae, samples=latent)[0][0].clamp(0, 1).numpy())
-    return pictures
+    texts = [prompt(move.request, subject=f"{TRIGGER} person") for move in moves]
+    return sampling.render(world.host, world.model, world.clip, world.vae, texts,
+                           [sample_seed(run, i) for i in range(len(moves))], identity=identity,
+                           size=GRID * CELL, negative=world.negative)
 
 
 def face_cells(face_box) -> np.ndarray:

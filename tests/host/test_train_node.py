@@ -205,12 +205,10 @@ def test_cancel_from_another_thread_saves_the_step_reached_and_resumes_exactly(h
         utils.set_progress_bar_global_hook(server_progress_hook)
     canceller = threading.Thread(target=press_cancel)
     canceller.start()
-    train.PROGRESS_HOOKS.append(observe)
     try:
         with caplog.at_level("INFO", logger="sefi"), pytest.raises(hostmod.InterruptProcessingException):
-            _train(host, sd15, photo, name="cut", **common)
+            _train(host, sd15, photo, name="cut", observer=observe, **common)
     finally:
-        train.PROGRESS_HOOKS.remove(observe)
         if hookable:
             utils.set_progress_bar_global_hook(old_hook)
         done.set()

@@ -51,12 +51,8 @@ def _interrupted_run(host, sd15, photo, pack, name, at_step=1, **kw):
     def cancel(step, total, loss, parts):
         if step == at_step:
             hostmod.interrupt_current_processing(True)
-    train.PROGRESS_HOOKS.append(cancel)
-    try:
-        with pytest.raises(hostmod.InterruptProcessingException):
-            _train(host, sd15, photo, name=name, overwrite=True, **{"steps": 3, **kw})
-    finally:
-        train.PROGRESS_HOOKS.remove(cancel)
+    with pytest.raises(hostmod.InterruptProcessingException):
+        _train(host, sd15, photo, name=name, overwrite=True, observer=cancel, **{"steps": 3, **kw})
     return train.checkpoint_dir() / f"{name}.sefi-train"
 
 

@@ -102,17 +102,12 @@ def test_compile_unet_through_the_node(host, sd15, pack, photo, caplog):
     """Two steps through the node, both gradient-share steps: losses, logged gradient norms (before clipping: Adam's
     first step alone would hide a wrong gradient's scale) and shares as in the eager run."""
     caplog.set_level(logging.INFO)
-    hooks = pack.glue("train").PROGRESS_HOOKS
     logged = {}
     for compile_unet in (False, True):
         seen = logged[compile_unet] = []
         hook = lambda step, total, loss, parts, seen=seen: seen.append((loss, dict(parts)))  # noqa: E731
-        hooks.append(hook)
-        try:
-            identity = _train(host, sd15, photo, name=f"compiled_{compile_unet}", steps=2, flip_augmentation=False,
-                              initializer="man", attention_weight=30.0, compile_unet=compile_unet)[0]
-        finally:
-            hooks.remove(hook)
+        identity = _train(host, sd15, photo, name=f"compiled_{compile_unet}", steps=2, flip_augmentation=False,
+                          initializer="man", attention_weight=30.0, compile_unet=compile_unet, observer=hook)[0]
         assert identity.training["compile_unet"] is compile_unet
     assert "compiling" in caplog.text and "U-Net blocks (mode default)" in caplog.text
     for (loss_e, parts_e), (loss_c, parts_c) in zip(logged[False], logged[True], strict=True):

@@ -82,19 +82,14 @@ def _train(host, sd15, photo, pack, weight, steps=4):
     """A short direct-tokens run with the reference loss at `weight`; returns (identity, logged parts per step)."""
     model, clip, vae = sd15
     seen: list[dict] = []
-    hooks = pack.glue("train").PROGRESS_HOOKS
-    hook = lambda step, total, loss, parts: seen.append(dict(parts))  # noqa: E731  (observes only)
-    hooks.append(hook)
-    try:
-        identity = host.run("SeFiTrainIdentity", model=model, clip=clip, vae=vae, images=photo,
-                            name=f"lambda_{weight:g}", trigger="sks", initializer="man", steps=steps,
-                            learning_rate=0.05, stages=1, vectors_per_token=1, parametrisation="direct tokens",
-                            kv_split=True, attention_loss="reference", attention_weight=weight, loss_sites="all",
-                            masked_diffusion_loss=False, prompt_templates="a photo of the face of {}",
-                            flip_augmentation=False, scale_augmentation=False, seed=3, resolution=RES,
-                            batch_size=1, checkpoint_every=0, resume_from="", overwrite=True)[0]
-    finally:
-        hooks.remove(hook)
+    identity = host.run("SeFiTrainIdentity", model=model, clip=clip, vae=vae, images=photo,
+                        name=f"lambda_{weight:g}", trigger="sks", initializer="man", steps=steps,
+                        learning_rate=0.05, stages=1, vectors_per_token=1, parametrisation="direct tokens",
+                        kv_split=True, attention_loss="reference", attention_weight=weight, loss_sites="all",
+                        masked_diffusion_loss=False, prompt_templates="a photo of the face of {}",
+                        flip_augmentation=False, scale_augmentation=False, seed=3, resolution=RES,
+                        batch_size=1, checkpoint_every=0, resume_from="", overwrite=True,
+                        observer=lambda step, total, loss, parts: seen.append(dict(parts)))[0]
     return identity, seen
 
 

@@ -48,3 +48,32 @@ def test_steps_take_increasing_rounds():
     for bad in ("2400,1200", "0", "5,5"):
         with pytest.raises(argparse.ArgumentTypeError, match="increasing positive"):
             pretrain._rounds(bad)
+
+
+def test_a_run_continues_from_a_committed_round_on_a_fresh_machine(host, tmp_path):
+    """Only the EMA weights and the loss log are committed: a run started from them (--init) begins at their step
+    with those weights, carries the log on, and trains on."""
+    from world import train as pretrain
+    quiet = dict(batch=2, checkpoint_every=1, threads=1, log=lambda *_: None)
+    pretrain.train(0, 2, run_dir=tmp_path / "first", out_dir=tmp_path / "round", **quiet)
+    committed = _weights(tmp_path / "round")
+    pretrain.train(0, 3, run_dir=tmp_path / "fresh-machine", out_dir=tmp_path / "next", init=tmp_path / "round" /
+                   "unet.safetensors", **quiet)
+    _, step, history, meta = pretrain.read_round(tmp_path / "next" / "unet.safetensors")
+    assert step == 3 and meta["continued_from"] == "2" and [h["step"] for h in history] == [2, 3]
+    continued = _weights(tmp_path / "next")
+    assert any(not torch.equal(committed[k], continued[k]) for k in committed)
+    with pytest.raises(SystemExit, match="a round of the second world"):
+        pretrain.train(0, 4, run_dir=tmp_path / "other", out_dir=tmp_path / "other-out", world="third",
+                       init=tmp_path / "next" / "unet.safetensors", **quiet)
+
+
+def test_training_writes_outside_the_repository_unless_told_and_never_over_the_other_world(tmp_path):
+    from world import train as pretrain
+    run_dir, out = pretrain.output_paths("second", None, None)
+    repo = pretrain.WEIGHTS_DIR.parents[1]
+    assert repo not in run_dir.resolve().parents and repo not in out.resolve().parents
+    assert pretrain.output_paths("third", tmp_path, None) == (tmp_path, tmp_path / "weights")
+    assert pretrain.output_paths("second", tmp_path, pretrain.WEIGHTS_DIR)[1] == pretrain.WEIGHTS_DIR
+    with pytest.raises(SystemExit, match="second world's committed model"):
+        pretrain.output_paths("third", tmp_path, pretrain.WEIGHTS_DIR)
