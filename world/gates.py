@@ -127,9 +127,6 @@ def save_grid(results: list[Sampled], path: Path, columns: int = 20) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "world", "second") == "third":
-        from .third import gates as third_gates
-        return third_gates.run(args)
     from host_boot import embedded_host
     from . import checkpoint
     base = Path(tempfile.mkdtemp(prefix="sefi-world-gates-"))
@@ -155,7 +152,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .third import gates as third_gates
     parser.add_argument("--world", choices=("second", "third"), default="second",
                         help="the second world (shipped) or the third (world/third/; give --unet until a round of "
                              "its weights is committed)")
@@ -166,4 +162,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler-steps", type=int, default=SAMPLER["steps"])
     parser.add_argument("--unet", type=Path, help="U-Net weights to test (default: the committed ones)")
     parser.add_argument("--out", type=Path, help="folder for gates.json and a grid of the samples")
-    third_gates.add_arguments(parser.add_argument_group("third world"))
