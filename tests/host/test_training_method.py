@@ -104,7 +104,7 @@ def test_attention_weight_raises_its_gradient_share_and_pulls_the_maps(host, sd1
     g = torch.Generator().manual_seed(11)
     pairs = [(t, torch.randn(1, 4, RES // 8, RES // 8, generator=g)) for t in (200, 500, 800)]
     shares, distances = [], []
-    for weight in (0.003, 30.0, 3000.0):
+    for weight in (0.003, 30.0, 1000.0):
         identity, seen = _train(host, sd15, photo, pack, weight)
         logged = [p for p in seen if "grad_share_attention" in p]
         assert [seen.index(p) + 1 for p in logged] == [1, 4]  # step 1 and the last step (grad_share_every=25)
@@ -118,7 +118,7 @@ def test_attention_weight_raises_its_gradient_share_and_pulls_the_maps(host, sd1
         refs = torch.cat([torch.cat(s, 2) for s in ev["ref_maps"]], 2)
         distances.append(L.attention_map_distance(ids, refs))
     assert shares[0] < shares[1] < shares[2], shares
-    # the tiny random model's maps barely depend on the token (measured: 2.8e-7 at λ = 0.003, linear in λ), so
-    # only a huge λ gives the attention term a real part of the gradient here
-    assert shares[2] > 0.1, shares
+    # the tiny random model's maps barely depend on the token (measured: 2.8e-7 at λ = 0.003, 0.0028 at 30, 0.086 at
+    # 1000), so only a huge λ — the node's maximum, 1000 — gives the attention term a real part of the gradient here
+    assert shares[2] > 0.05, shares
     assert distances[0] > distances[1] > distances[2], distances

@@ -5,6 +5,7 @@ in memory, kept on disk and read back by a resumed run; no watch input is accept
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 
 import numpy as np
@@ -219,8 +220,12 @@ def test_watch_inputs_do_what_they_say(host, pack, tmp_path, monkeypatch):
     monkeypatch.setattr(train.SeFiTrainIdentity, "_train", lambda self, *a, watch, **k: seen.append(watch))
     node = train.SeFiTrainIdentity()
     for name in ("preview_every", "sample_every", "save_every"):
-        with pytest.raises(ValueError, match=rf"{name} must be a whole number >= 0 \(0 = off\), got -1"):
+        with pytest.raises(ValueError, match=rf"SeFi Train Identity: {name}=-1 is below its minimum 0; set {name} "
+                                             r"between 0 and \d+"):
             node.train(None, None, None, [torch.rand(1, 8, 8, 3)], ["n"], trigger=["sks"], **{name: [-1]})
+        # a Python caller that builds the settings itself meets the same refusal
+        with pytest.raises(ValueError, match=rf"{name} must be a whole number >= 0 \(0 = off\), got -1"):
+            tw.WatchSettings(**{name: -1})
     node.train(None, None, None, [torch.rand(1, 8, 8, 3)], ["n"], trigger=["sks"],
                sample_prompt=["a photo of sks person", "sks smiling\nsks laughing"])
     assert seen[-1].sample_prompts == ("a photo of sks person", "sks smiling", "sks laughing")
@@ -271,15 +276,20 @@ def test_peak_memory_on_the_cpu_is_this_runs_not_the_process_lifetimes(host, pac
     import resource  # POSIX only: the test runs on Linux
     th = pack.glue("training")
     cpu = torch.device("cpu")
-    big = np.ones(200 * 2**20 // 8)  # 200 MiB resident, then freed: the process's lifetime peak includes it
-    big[::512] = 2.0
-    del big
+    # 200 MiB of fresh pages, resident, then handed back to the kernel: the process's lifetime peak includes them.
+    # An anonymous mmap, not a numpy array: in a long suite malloc may serve an array from freed heap pages that are
+    # already resident (no rise) and keep them after del (no fall).
+    big = mmap.mmap(-1, 200 * 2**20)
+    for offset in range(0, len(big), mmap.PAGESIZE):
+        big[offset] = 1
+    big.close()
     lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # what was recorded before (KiB on Linux)
     th.reset_peak_memory(cpu)
     peak = th.peak_memory_bytes(cpu)
     rss = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS:")).split()[1]) * 1024
     assert peak is not None and rss * 0.9 <= peak < lifetime - 100 * 2**20
-    during = np.ones(100 * 2**20 // 8)  # this run's own allocation is seen
-    during[::512] = 2.0
+    during = mmap.mmap(-1, 100 * 2**20)  # this run's own allocation is seen
+    for offset in range(0, len(during), mmap.PAGESIZE):
+        during[offset] = 1
     assert th.peak_memory_bytes(cpu) >= peak + 90 * 2**20
-    del during
+    during.close()
