@@ -187,7 +187,7 @@ def main(argv=None) -> int:
             for label, (step, make, s) in steps_fns.items():
                 results[label] = run(step, make, s, mode)
                 ms, warm, peak = results[label]
-                print(f"{label:5s} [{mode:7s}] {ms:9.1f} ms/step   peak memory {peak / 2**20:8.0f} MiB{cpu_note}   "
+                print(f"{label:5s} [{mode:7s}] {ms:9.1f} ms/step   peak memory {mib(peak):>12s}{cpu_note}   "
                       f"(2 warm-up steps: {warm:.1f} s{', compiling included' if mode == 'compile' else ''})")
             ti, sefi = results["TI"][0], results["SeFi"][0]
             print(f"ratio SeFi/TI [{mode}] = {sefi / ti:.3f} (goal <= 1.15)"
@@ -201,12 +201,16 @@ def main(argv=None) -> int:
                 ms, warm, peak = run(step, make, dataclasses.replace(s, batch_size=b), mode)
                 n = -(-samples // b)
                 print(f"batch {b:2d} [{mode}]: {ms:8.1f} ms/step, {ms / b:7.1f} ms/sample, {n} steps x {ms:.1f} ms = "
-                      f"{n * ms / 1e3:6.1f} s per identity of {samples} samples (loop only), peak "
-                      f"{peak / 2**20:.0f} MiB")
+                      f"{n * ms / 1e3:6.1f} s per identity of {samples} samples (loop only), peak {mib(peak)}")
             step.settings.batch_size = 1
     if args.identity:
         _time_identity(host, model, clip, vae, image, res, args)
     return 0
+
+
+def mib(peak: int | None) -> str:
+    """A peak in MiB, or why there is none (the CPU off Linux, or a kernel that refuses the reset)."""
+    return "not measured" if peak is None else f"{peak / 2**20:.0f} MiB"
 
 
 def _time_identity(host, model, clip, vae, image, res: int, args) -> None:
@@ -222,7 +226,7 @@ def _time_identity(host, model, clip, vae, image, res: int, args) -> None:
                                  precision=args.precision, overwrite=True, compile_unet=args.identity_compile)[:3]
     seconds = time.perf_counter() - t0
     print(f"identity: {args.identity} steps in {seconds:.1f} s ({seconds / args.identity * 1e3:.1f} ms/step "
-          f"including setup and checkpoints), peak memory {identity.training['peak_memory_bytes'] / 2**20:.0f} MiB, "
+          f"including setup and checkpoints), peak memory {mib(identity.training.get('peak_memory_bytes'))}, "
           f"final loss {identity.training['final_loss']:.4f}, compile_unet {args.identity_compile}, saved {name}"
           f"{' (goal <= 20 s for 600 steps on a GPU)' if args.identity == 600 else ''}")
 
