@@ -27,7 +27,7 @@ def train_graph(ckpt_name: str, image: str, **train: Any) -> dict[str, Any]:
                   prompt_templates="a photo of the face of {}", flip_augmentation=False, scale_augmentation=False,
                   seed=5, resolution=64, batch_size=1, checkpoint_every=0, resume_from="", overwrite=False,
                   precision="auto", gradient_checkpointing=False, keep_checkpoint=False,
-                  allow_multiple_people=False, compile_unet=False)
+                  allow_multiple_people=False, compile_unet=False, stop_on_watch_failure=False)
     values.update(train)
     inputs = {k: v for k, v in values.items() if k in TRAINER_INPUTS}
     inputs.update(model=["1", 0], clip=["1", 1], vae=["1", 2], images=["2", 0], options=["4", 0])
