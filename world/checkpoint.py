@@ -30,13 +30,13 @@ _RECIPE_SOURCES = (Path(text_encoder.__file__), Path(vae.__file__), Path(model._
                    Path(tiny_checkpoints.__file__))
 
 
-def random_unet_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+def random_unet_weights(seed: int = 0, shape: dict = UNET) -> dict[str, torch.Tensor]:
     """A random U-Net state dict of the world U-Net's shape (fp16): a stand-in until trained weights exist."""
-    config = tiny_checkpoints.model_config(UNET)
+    config = tiny_checkpoints.model_config(shape)
     return tiny_checkpoints.randomise(tiny_checkpoints.unet_shapes(config), torch.Generator().manual_seed(seed))
 
 
-def build(path: Path, unet_weights: Mapping[str, torch.Tensor] | Path | None = None) -> Path:
+def build(path: Path, unet_weights: Mapping[str, torch.Tensor] | Path | None = None, shape: dict = UNET) -> Path:
     """Write the world checkpoint to `path` (atomically). `unet_weights`: a U-Net state dict in the host's UNetModel
     key names, or a .safetensors file of one; None reads the committed world/weights/unet.safetensors. A file's
     recipe (see `recipe`) is stored in the checkpoint's metadata for `ensure`."""
@@ -46,7 +46,7 @@ def build(path: Path, unet_weights: Mapping[str, torch.Tensor] | Path | None = N
     if isinstance(weights_file, (str, Path)):
         metadata = {RECIPE_KEY: recipe(Path(weights_file))}
         unet_weights = _read_unet_weights(Path(weights_file))
-    config = tiny_checkpoints.model_config(UNET)
+    config = tiny_checkpoints.model_config(shape)
     _check_unet_fits(unet_weights, tiny_checkpoints.unet_shapes(config))
     text = text_encoder.construct(tiny_checkpoints.text_shapes(comfy.sd1_clip.SD1ClipModel))
     # fp32: the VAE's gains are not fp16 numbers, and rounding them would cost the round trip ~1e-4 of exactness.
@@ -54,12 +54,12 @@ def build(path: Path, unet_weights: Mapping[str, torch.Tensor] | Path | None = N
     return tiny_checkpoints.assemble(Path(path), config, dict(unet_weights), text, autoencoder, metadata)
 
 
-def ensure(folder: Path, unet_weights: Path = UNET_WEIGHTS, name: str = NAME) -> Path:
+def ensure(folder: Path, unet_weights: Path = UNET_WEIGHTS, name: str = NAME, shape: dict = UNET) -> Path:
     """`folder`/`name` (world-sd15.safetensors), built when it is missing or was built from other U-Net weights or
     code. The third world's checkpoint (world/third/checkpoint.py) is the same recipe with its own weights and name."""
     path = Path(folder) / name
     if stored_recipe(path) != recipe(unet_weights):
-        build(path, unet_weights)
+        build(path, unet_weights, shape)
     return path
 
 
@@ -100,5 +100,5 @@ def _check_unet_fits(weights: Mapping[str, torch.Tensor], shapes: dict[str, torc
         details = "; ".join(f"{label}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}"
                             for label, keys in (("missing", missing), ("unexpected", unexpected),
                                                 ("wrong shape", wrong)) if keys)
-        raise ValueError(f"the U-Net weights do not fit the world U-Net (world/model.py's UNET, the host's "
+        raise ValueError(f"the U-Net weights do not fit the world U-Net (world/model.py's UNETS, the host's "
                          f"UNetModel key names without `model.diffusion_model.`): {details}")

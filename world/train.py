@@ -28,7 +28,7 @@ from host_boot import embedded_host
 from tools import tiny_checkpoints
 
 from . import text_encoder
-from .model import TIMESTEPS, new_unet, sd_alphas_cumprod
+from .model import TIMESTEPS, grow, new_unet, sd_alphas_cumprod
 from .captions import training_pair
 from .render import held_out_identities, render_cells
 
@@ -129,19 +129,19 @@ def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: f
     state_path = run_dir / "state.pt"
     clip = clip_weights()
     encode = CaptionEncoder(clip)
-    unet = new_unet(seed)
+    unet = new_unet(seed, world)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     held_out = held_out_identities()
     history: list[dict] = []
-    start, elapsed_before, init_step = 0, 0.0, None
+    start, elapsed_before, init_step, grown_at = 0, 0.0, None, None
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
         if state["seed"] != seed or state["batch"] != batch or state.get("world", "second") != world:
             raise SystemExit(f"{state_path} belongs to a run of the {state.get('world', 'second')} world with seed "
                              f"{state['seed']} and batch {state['batch']}; use another --run-dir or the same settings")
-        init_step = state.get("init_step")
+        init_step, grown_at = state.get("init_step"), state.get("grown_at")
         unet.load_state_dict(state["unet"])
         ema = state["ema"]
         opt.load_state_dict(state["opt"])
@@ -155,7 +155,13 @@ def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: f
         if meta.get("world", "second") != world or int(meta.get("seed", seed)) != seed:
             raise SystemExit(f"{init} is a round of the {meta.get('world', 'second')} world with seed "
                              f"{meta.get('seed')}; pass the same --world and --seed to continue it")
-        unet.load_state_dict(weights)
+        if set(weights) == set(unet.state_dict()):
+            unet.load_state_dict(weights)
+        else:   # a round of an earlier, smaller shape of this world's U-Net: it goes on in the grown one
+            added = grow(unet, weights)
+            grown_at = init_step
+            log(f"growing the round's U-Net to the {world} world's shape: {len(added)} tensors added, each added "
+                "block starting as the identity")
         ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
         start = init_step
         elapsed_before = float(history[-1]["seconds"]) if history else 0.0
@@ -167,7 +173,7 @@ def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: f
     t0 = time.perf_counter()
 
     def save_state(step: int) -> None:
-        _atomic_save({"seed": seed, "batch": batch, "step": step, "world": world, "init_step": init_step,
+        _atomic_save({"seed": seed, "batch": batch, "step": step, "world": world, "init_step": init_step, "grown_at": grown_at,
                       "unet": unet.state_dict(), "ema": ema,
                       "opt": opt.state_dict(), "rng": json.dumps(rng.bit_generator.state),
                       "torch_rng": torch.get_rng_state(), "history": json.dumps(history),
@@ -212,7 +218,8 @@ def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: f
             save_state(done)
             write_weights(ema, out_dir, history, seed=seed, steps=done, batch=batch,
                           rounds=",".join(map(str, rounds or (steps,))), world=world,
-                          **({"continued_from": init_step} if init_step is not None else {}))
+                          **({"continued_from": init_step} if init_step is not None else {}),
+                          **({"grown_at": grown_at} if grown_at is not None else {}))
     return out_dir / UNET_FILE
 
 
@@ -241,7 +248,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "name world/weights or world/third/weights to replace a committed model)")
     parser.add_argument("--init", type=Path,
                         help="start from a committed round's unet.safetensors (its step, seed and loss log "
-                             "continue; the optimiser starts fresh); ignored once the run dir holds a state")
+                             "continue; the optimiser starts fresh; a round of a smaller shape of the world's U-Net grows into "
+                             "the present one, world.model.grow); ignored once the run dir holds a state")
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine, 2 threads were 3× slower per step)")

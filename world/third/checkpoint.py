@@ -1,11 +1,12 @@
-"""The third world's checkpoint: the second world's recipe (constructed text encoder and VAE, the same U-Net shape —
-its weights do not depend on the picture size) with the third world's U-Net weights, under its own file name so both
-can sit in one checkpoints folder."""
+"""The third world's checkpoint: the second world's recipe (constructed text encoder and VAE) with the third world's
+U-Net (world.model.THIRD_UNET, three attention reads instead of one; its weights do not depend on the picture size),
+under its own file name so both can sit in one checkpoints folder."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from .. import checkpoint
+from ..model import THIRD_UNET
 
 NAME = "world3-sd15.safetensors"
 UNET_WEIGHTS = Path(__file__).resolve().parent / "weights" / "unet.safetensors"
@@ -19,4 +20,4 @@ def ensure(folder: Path, unet_weights: Path | None = None) -> Path:
         raise FileNotFoundError(f"the third world's U-Net weights are not at {weights}: pretrain them with "
                                 "`python -m world train --world third` (docs/world.md, 'The third world') and pass "
                                 "the run's weights/unet.safetensors, or commit a round to world/third/weights/")
-    return checkpoint.ensure(folder, weights, NAME)
+    return checkpoint.ensure(folder, weights, NAME, THIRD_UNET)
