@@ -157,12 +157,10 @@ def world_sd15(host, world_unet_weights) -> Path:
 
 
 @pytest.fixture(scope="session")
-def world3_sd15(host, world_unet_weights) -> Path:
-    """The third world's checkpoint (world/third/checkpoint.py), cached like world_sd15: on its committed weights once a
-    round is committed, until then on the second world's U-Net as a stand-in (the same shape; it samples 80 px)."""
+def world3_sd15(host) -> Path:
+    """The third world's checkpoint (world/third/checkpoint.py) on its committed round, cached like world_sd15."""
     from world.third import checkpoint as third
-    weights = third.UNET_WEIGHTS if third.UNET_WEIGHTS.is_file() else world_unet_weights
-    path = third.ensure(CACHE_DIR, weights)
+    path = third.ensure(CACHE_DIR)
     _link_model(Path(host.folder_paths.get_folder_paths("checkpoints")[0]), path)
     return path
 

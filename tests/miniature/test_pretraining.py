@@ -77,3 +77,53 @@ def test_training_writes_outside_the_repository_unless_told_and_never_over_the_o
     assert pretrain.output_paths("second", tmp_path, pretrain.WEIGHTS_DIR)[1] == pretrain.WEIGHTS_DIR
     with pytest.raises(SystemExit, match="second world's committed model"):
         pretrain.output_paths("third", tmp_path, pretrain.WEIGHTS_DIR)
+
+
+def test_a_round_of_the_smaller_shape_grows_into_the_third_worlds_u_net_unchanged(host):
+    """The third world's U-Net adds transformer blocks to the second's shape; a round of the smaller shape loads into
+    it with every added block the identity, so the grown net computes exactly what the round computed — and then
+    learns through the added blocks' zeroed ends."""
+    from world import model
+    from world.train import _clone_saved
+    small = model.new_unet(3, "second")
+    with torch.no_grad():   # a trained-looking round: no zero ends anywhere, so identity must come from grow()
+        for p in small.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    grown = model.new_unet(0, "third")
+    added = model.grow(grown, small.state_dict())
+    assert added and all(k.startswith(("input_blocks.1.1.transformer_blocks.1.", "output_blocks.0.1.")) for k in added)
+    x, context = torch.randn(2, 4, 10, 10), torch.randn(2, 77, 768)
+    t = torch.tensor([20.0, 700.0])
+    with torch.no_grad():
+        assert torch.equal(small(x, timesteps=t, context=context), grown(x, timesteps=t, context=context))
+    with torch.autograd.graph.saved_tensors_hooks(_clone_saved, lambda saved: saved):
+        grown(x, timesteps=t, context=context).square().mean().backward()
+    params = dict(grown.named_parameters())
+    assert any(params[k].grad is not None and params[k].grad.abs().sum() > 0 for k in added)
+
+
+def test_grow_refuses_weights_that_are_not_a_smaller_shape(host):
+    from world import model
+    weights = model.new_unet(0, "second").state_dict()
+    weights["out.2.weight"] = torch.zeros(8, 320, 3, 3)
+    with pytest.raises(ValueError, match="not a smaller shape.*out.2.weight"):
+        model.grow(model.new_unet(0, "third"), weights)
+
+
+def test_a_third_world_run_from_a_round_of_the_smaller_shape_grows_and_says_so(host, tmp_path):
+    from world import model
+    from world import train as pretrain
+    from world.third import checkpoint as third
+    small = {k: v.detach().clone() for k, v in model.new_unet(0, "second").state_dict().items()}
+    pretrain.write_weights(small, tmp_path / "round", [{"step": 1, "loss": 1.0, "seconds": 1.0}], seed=0, steps=1,
+                           batch=2, world="third")
+    said = []
+    pretrain.train(0, 2, batch=2, run_dir=tmp_path / "run", out_dir=tmp_path / "next", checkpoint_every=1,
+                   threads=1, log=said.append, world="third", init=tmp_path / "round" / "unet.safetensors")
+    assert any("growing the round's U-Net" in line for line in said)
+    weights, step, _, meta = pretrain.read_round(tmp_path / "next" / "unet.safetensors")
+    assert step == 2 and meta["grown_at"] == "1"
+    assert set(weights) == set(model.new_unet(0, "third").state_dict())
+    third.ensure(tmp_path / "checkpoints", tmp_path / "next" / "unet.safetensors")   # fits the third world's shape
+    with pytest.raises(ValueError, match="do not fit the world U-Net"):
+        third.ensure(tmp_path / "checkpoints", tmp_path / "round" / "unet.safetensors")

@@ -1,7 +1,7 @@
-"""The third world's host paths run, on stand-in weights: its checkpoint (the second world's U-Net, which fits the
-same shape and samples at 80 px) through the gates' sampling and rates, the expressibility gate's textual inversion
-on four photos, and the demo's identity-beside-control rows. Mechanics only: what the numbers are is measured on the
-third world's own weights (docs/world.md), which a CI test will hold to a reduced gate once a round is committed."""
+"""The third world's host paths run on its committed round: its checkpoint through the gates' sampling and rates,
+the expressibility gate's textual inversion on four photos, and the demo's identity-beside-control rows. Mechanics
+only: what the numbers are is measured in docs/world.md; a CI test will hold the weights to a reduced gate once a
+round holds the gates."""
 from __future__ import annotations
 
 import numpy as np
