@@ -4,7 +4,7 @@ The shape is the smallest the hosts detect as SD1.5 (../shared/notes/tiny-checkp
 context 768, one level with one ResBlock and one transformer (the single cross-attention site, input block 1, where
 the face-wise loss reads its maps), no middle block, two ResBlock-only output blocks — 13.6 M parameters. The
 25.8 M-parameter shape with middle and output attention cost 2.5× the CPU time per sample here, which a 2-core,
-2-hour pretraining budget cannot pay.
+2-hour pretraining budget cannot pay. The third world's U-Net (THIRD_UNET) adds two transformer blocks to it.
 """
 from __future__ import annotations
 

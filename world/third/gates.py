@@ -40,8 +40,8 @@ EXPRESSIBILITY_STEPS = 600
 EXPRESSIBILITY_PROMPTS = 8
 TI_SETTINGS = dict(parametrisation="direct tokens", stages=1, kv_split=False, attention_loss="off")
 WORLD_SETTINGS = dict(resolution=SIZE, loss_sites="all", flip_augmentation=False)
-"""The world needs: 80 px pictures, its one attention site at the full latent, and no flips (a flip moves a mark to
-the other cheek and turns a view to the other side)."""
+"""The world needs: 80 px pictures, all its attention sites (each at the full latent), and no flips (a flip moves a
+mark to the other cheek and turns a view to the other side)."""
 NAMES = tuple(ROSTER)
 
 
