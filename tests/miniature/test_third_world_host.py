@@ -30,6 +30,11 @@ def test_third_world_gates_sample_read_and_rate_every_item(host, world3):
     assert all(0.0 <= share <= 1.0 for item, (share, _) in table.items() if item != "fit_error")
     verdict = third_gates.verdict(table)
     assert {"person", "scene", "rejected", "fit_error", "pair_both", "named_traits"} <= set(verdict)
+    kinds = third_gates.by_kind(results)
+    assert sum(row["prompts"] for row in kinds.values()) == len(results)
+    assert {third_gates.kind(r) for r in requests} == set(kinds)
+    rejected = [r.reading.rejected for r in results if third_gates.kind(r.request) == "empty scene"]
+    assert kinds["empty scene"]["rejected"] == pytest.approx(np.mean(rejected))
 
 
 def test_expressibility_gate_trains_textual_inversion_on_four_photos(host, world3):

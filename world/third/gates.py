@@ -110,6 +110,23 @@ def rates(results: list[Sampled]) -> dict[str, tuple[float, int]]:
     return out
 
 
+def kind(request: Request) -> str:
+    """What a prompt asks the picture to hold, for telling which layouts fail."""
+    if not request.person:
+        return "empty scene"
+    return f"{'two people' if request.pair else 'one person'}, {request.framing}"
+
+
+def by_kind(results: list[Sampled]) -> dict[str, dict[str, float]]:
+    """kind → the share rejected, the median fit error and how many prompts: where the pictures leave the world."""
+    groups: dict[str, list[Sampled]] = {}
+    for r in results:
+        groups.setdefault(kind(r.request), []).append(r)
+    return {k: {"rejected": float(np.mean([r.reading.rejected for r in g])),
+                "fit_error": float(np.median([r.reading.error for r in g])), "prompts": len(g)}
+            for k, g in sorted(groups.items())}
+
+
 def verdict(table: dict[str, tuple[float, int]]) -> dict[str, bool]:
     out = {"person": table["person"][0] >= GATES["person"], "scene": table["scene"][0] >= GATES["scene"],
            "rejected": table["rejected"][0] < GATES["rejected"], "fit_error": table["fit_error"][0] < REJECT_THRESHOLD}
@@ -193,6 +210,10 @@ def run(args: argparse.Namespace) -> int:
             value = f"{share:6.3f}  " if item == "fit_error" else f"{share * 100:5.1f} %"
             print(f"{item:>13}: {value} of {n}{mark}")
         report["rates"] = table
+        report["by_kind"] = by_kind(results)
+        for name, row in report["by_kind"].items():
+            print(f"{name:>29}: {row['rejected'] * 100:5.1f} % rejected, median fit error {row['fit_error']:.3f} "
+                  f"of {row['prompts']}")
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             save_grid(results, args.out / "gates_grid.png")
