@@ -59,6 +59,28 @@ def run_path(out: Path, run: plan.Run, steps: int) -> Path:
     return out / "runs" / f"{run.key}-steps{steps}.json"
 
 
+STALE = object()
+"""A cached result that is not this run's: measured on other weights, recipe, settings or prompts."""
+
+
+def cached_result(out: Path, run: plan.Run, steps: int, recipe: str, moves) -> dict | object | None:
+    """The cached result of `run` (None: none cached; STALE: one for something else). A result from before cache
+    keys were recorded counts when it holds every prompt; the report then says its provenance is not recorded."""
+    from bench.world_claims.measure import run_key
+    path = run_path(out, run, steps)
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    if "cache_key" not in result:
+        return result if len(result["pictures"]) == len(moves) else STALE
+    return result if result["cache_key"] == run_key(run, steps, recipe, moves) else STALE
+
+
+def _committed_recipe() -> str:
+    from world import checkpoint
+    return checkpoint.recipe(checkpoint.UNET_WEIGHTS)
+
+
 def main(argv=None, world=None) -> int:
     """`world`: a measure.World already booted (tests); by default the host is booted here when runs are missing."""
     args = parser().parse_args(argv)
@@ -67,10 +89,16 @@ def main(argv=None, world=None) -> int:
     moves = plan.MOVES[:args.prompts]
     if args.steps < 1 or not 1 <= args.prompts <= len(plan.MOVES):
         raise SystemExit(f"--steps must be >= 1 and --prompts 1..{len(plan.MOVES)}")
-    missing = [r for r in runs if not run_path(args.out, r, args.steps).exists()]
+    recipe = getattr(world, "recipe", None) or _committed_recipe()
+    cached = {r: cached_result(args.out, r, args.steps, recipe, moves) for r in runs}
+    missing = [r for r in runs if cached[r] is None or cached[r] is STALE]
+    stale = [r for r in runs if cached[r] is STALE]
     print(f"claims benchmark: {len(runs)} runs ({len(variants)} variants × {len(args.people)} people × "
           f"{len(args.seeds)} seeds, {args.steps} steps, {len(moves)} prompts); {len(runs) - len(missing)} cached in "
           f"{args.out}", flush=True)
+    if stale:
+        print(f"{len(stale)} cached runs are of other weights, recipe, settings or prompts than this command's "
+              f"(e.g. {stale[0].key}): {'left out' if args.report_only else 'measured again'}", flush=True)
     if missing and not args.report_only:
         from bench.world_claims.measure import boot_world, measure
         from sefi_core.atomic import atomic_write, atomic_write_text
@@ -92,8 +120,7 @@ def main(argv=None, world=None) -> int:
             print(f"[{i + 1}/{len(missing)}] {run.key}: identity {100 * scores['identity']:.0f} %, prompt "
                   f"{100 * scores['prompt']:.0f} %, face share {100 * (scores['overfit_photo'] or 0):.0f} % "
                   f"({result['seconds']:.0f} s)", flush=True)
-    done = [json.loads(run_path(args.out, r, args.steps).read_text()) for r in runs
-            if run_path(args.out, r, args.steps).exists()]
+    done = [res for r in runs if (res := cached_result(args.out, r, args.steps, recipe, moves)) not in (None, STALE)]
     if not done:
         print("no finished runs to report")
         return 1
@@ -107,6 +134,7 @@ def main(argv=None, world=None) -> int:
 def write_report(done: list[dict], args, target: Path, argv, planned: int | None = None) -> None:
     from sefi_core.attention_picture import render_attention_picture
     import torch
+    report.check_one_world(done)
     table = report.summarise(done)
     figures_dir = target.with_suffix("")
     figures_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +143,7 @@ def write_report(done: list[dict], args, target: Path, argv, planned: int | None
     report.plot_tradeoff(table, figures_dir / "tradeoff.png")
     figures["identity vs prompt fidelity"] = f"{rel}/tradeoff.png"
     if "ti" in table and len(table) > 1:
-        report.plot_against_ti(table, report.per_run(done), figures_dir / "against_ti.png")
+        report.plot_against_ti(table, report.per_person(done), figures_dir / "against_ti.png")
         figures["each variant against TI, paired"] = f"{rel}/against_ti.png"
     if sum(n in table for n in plan.LAMBDA_SWEEP) >= 2:
         report.plot_lambda(table, figures_dir / "lambda_sweep.png")

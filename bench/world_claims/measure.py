@@ -18,6 +18,7 @@ from world.render import CELL, GRID
 from world.score import asked, identity_fidelity, prompt_fidelity, shown
 
 from .plan import MOVES, TRIGGER, Run, variant
+from .provenance import cache_key, provenance
 
 PROBE_FRACTIONS = (0.25, 0.5, 0.75)
 """Where in the schedule the attention is probed: one timestep in each of the early, middle and late bands (the
@@ -26,10 +27,14 @@ PICTURE_FRACTION = 0.5
 
 
 class World:
-    """A booted host with the world checkpoint loaded: what every run shares."""
+    """A booted host with the world checkpoint loaded: what every run shares. `weights`: the U-Net weights the
+    checkpoint was built from (its recipe and hash go into every run's cache key and provenance)."""
 
-    def __init__(self, host, checkpoint_name: str, host_label: str):
+    def __init__(self, host, checkpoint_name: str, host_label: str, weights: Path | None = None):
+        from world import checkpoint
         self.host, self.host_label = host, host_label
+        self.weights = Path(weights) if weights is not None else checkpoint.UNET_WEIGHTS
+        self.recipe = checkpoint.recipe(self.weights)
         self.model, self.clip, self.vae = host.run("CheckpointLoaderSimple", ckpt_name=checkpoint_name)[:3]
         pack = host.pack_module.__name__
         self.training = importlib.import_module(f"{pack}.nodes.training")
@@ -52,6 +57,14 @@ def boot_world(base: Path) -> World:
     if not link.exists():
         link.symlink_to(ckpt)
     return World(host, ckpt.name, embedded_host.host_label())
+
+
+def run_key(run: Run, steps: int, recipe: str, moves=MOVES) -> str:
+    """The cache key of one run: its variant's settings, person, seed, steps, prompts and the world's recipe."""
+    v = variant(run.variant)
+    settings = {"name": v.name, "train": {**TRAIN_SETTINGS, **v.settings}, "weight": v.weight}
+    prompts = [[prompt(m.request, subject=f"{TRIGGER} person"), list(m.moves)] for m in moves]
+    return cache_key(settings, run.person, run.seed, steps, prompts, recipe)
 
 
 def sample_seed(run: Run, index: int) -> int:
@@ -157,6 +170,8 @@ def measure(world: World, run: Run, steps: int, moves=MOVES) -> tuple[dict, dict
         })
     result = {
         "run": run.key, "variant": run.variant, "person": run.person, "seed": run.seed, "steps": steps,
+        "cache_key": run_key(run, steps, world.recipe, moves),
+        "provenance": provenance(world.host_label, world.weights, world.recipe),
         "host": world.host_label, "train_seconds": round(trained, 1),
         "seconds": round(time.perf_counter() - started, 1),
         "final_loss": identity.training.get("final_loss"), "grad_shares": grad_shares,

@@ -1,5 +1,6 @@
-"""The claims benchmark's report: per variant, means with 95 % intervals over the runs (one run = one held-out
-person and one seed), the paper's predictions checked against them, and the plots."""
+"""The claims benchmark's report: per variant, means with 95 % intervals over the held-out people (the independent
+unit: each person's seeds are averaged first), the paper's predictions checked against them, the runs' provenance,
+and the plots."""
 from __future__ import annotations
 
 import math
@@ -47,12 +48,14 @@ def _mean(values):
 
 
 def summarise(results: list[dict]) -> dict[str, dict[str, tuple[float, float, int]]]:
-    """variant → metric → (mean, 95 % half-width, n)."""
+    """variant → metric → (mean, 95 % half-width, n people): over people, each person's seeds averaged first — two
+    seeds of one person are not two independent observations of the method."""
+    people = per_person(results)
     table = {}
     for name in VARIANT_NAMES:
-        runs = [run_scores(r) for r in results if r["variant"] == name]
-        if runs:
-            table[name] = {m: interval([r[m] for r in runs]) for m in runs[0]}
+        if name in people:
+            rows = list(people[name].values())
+            table[name] = {m: interval([r[m] for r in rows]) for m in rows[0]}
     return table
 
 
@@ -67,18 +70,20 @@ def _pm(delta: float, slack: float) -> str:
     return f"{100 * delta:+.1f}" + ("" if math.isnan(slack) else f" ± {100 * slack:.1f}") + " points"
 
 
-def per_run(results: list[dict]) -> dict[str, dict[tuple[int, int], dict]]:
-    """variant → (person, seed) → that run's scores: what paired comparisons need."""
-    out: dict[str, dict[tuple[int, int], dict]] = {}
+def per_person(results: list[dict]) -> dict[str, dict[int, dict]]:
+    """variant → person → that person's scores, averaged over their seeds (a metric a run lacks is left out of its
+    person's mean): the unit every interval and paired comparison is taken over."""
+    runs: dict[str, dict[int, list[dict]]] = {}
     for r in results:
-        out.setdefault(r["variant"], {})[(r["person"], r["seed"])] = run_scores(r)
-    return out
+        runs.setdefault(r["variant"], {}).setdefault(r["person"], []).append(run_scores(r))
+    return {name: {person: {m: _mean([s[m] for s in seeds]) for m in seeds[0]} for person, seeds in people.items()}
+            for name, people in runs.items()}
 
 
 def difference(table, runs, a: str, b: str, metric: str) -> tuple[float, float]:
-    """(a − b, the 95 % half-width of that difference): paired over the runs both variants share when there are two
-    or more (runs: per_run), else the difference of the means with the sum of their half-widths (nan below two
-    runs each)."""
+    """(a − b, the 95 % half-width of that difference): paired over the people both variants share when there are
+    two or more (runs: per_person), else the difference of the means with the sum of their half-widths (nan below
+    two people each)."""
     if runs and a in runs and b in runs:
         shared = [k for k in runs[a] if k in runs[b]
                   and runs[a][k][metric] is not None and runs[b][k][metric] is not None]
@@ -91,10 +96,10 @@ def difference(table, runs, a: str, b: str, metric: str) -> tuple[float, float]:
 
 def predictions(table, runs=None) -> list[tuple[str, str, str]]:
     """The paper's predictions, each with what was measured and whether it held (yes / no / unclear: the 95 %
-    interval of the difference holds 0, or the margin). `runs` (per_run): where two variants were trained on the
-    same people and seeds, their difference is taken run by run — the people differ far more than the variants, and
-    pairing takes that spread out; without it, or with under two shared runs, the difference's slack is the sum of
-    the two variants' half-widths."""
+    interval of the difference holds 0, or the margin). `runs` (per_person): where two variants were trained on the
+    same people, their difference is taken person by person — the people differ far more than the variants, and
+    pairing takes that spread out; without it, or with under two shared people, the difference's slack is the sum
+    of the two variants' half-widths."""
     out = []
     if not {"ti", "sefi"} <= set(table):
         return out
@@ -178,6 +183,45 @@ def predictions(table, runs=None) -> list[tuple[str, str, str]]:
     return out
 
 
+def check_one_world(results: list[dict]) -> None:
+    """Refuse to put runs of different world weights or checkpoint recipes in one table, and runs that recorded
+    theirs beside runs that did not (their weights cannot be compared)."""
+    recipes = {(r.get("provenance") or {}).get("recipe") for r in results}
+    if len(recipes) > 1:
+        unrecorded = sum(1 for r in results if "provenance" not in r)
+        detail = (f"{unrecorded} of them predate provenance records" if None in recipes
+                  else f"{len(recipes)} different recipes")
+        raise SystemExit(f"these {len(results)} runs were not measured on one world ({detail}); report each world's "
+                         "runs apart (--out) or measure the older ones again (delete their files in OUT/runs/)")
+
+
+def provenance_lines(results: list[dict]) -> list[str]:
+    """Markdown lines: where the runs ran (CPU, threads, versions, weights, code), and the (person, seed) groups whose
+    variants ran on different machines — their timings, and possibly their last bits, are not comparable."""
+    from .provenance import machine
+    recorded = [r["provenance"] for r in results if "provenance" in r]
+    lines = ["## Provenance", ""]
+    if len(recorded) < len(results):
+        lines.append(f"- {len(results) - len(recorded)} of {len(results)} runs predate provenance records: their "
+                     "machine, threads, versions, weights hash and code commit are not recorded")
+    for field, label in (("cpu", "CPU"), ("threads", "torch threads"), ("torch", "torch"), ("host", "host"),
+                         ("weights_sha256", "world weights sha256"), ("commit", "code commit")):
+        values = sorted({str(p[field]) for p in recorded})
+        if values:
+            lines.append(f"- {label}: {', '.join(values)}")
+    groups: dict[tuple[int, int], set] = {}
+    for r in results:
+        if machine(r) is not None:
+            groups.setdefault((r["person"], r["seed"]), set()).add(machine(r))
+    split = sorted(k for k, machines in groups.items() if len(machines) > 1)
+    if split:
+        lines.append("- variants of one person and seed that ran on different machines: "
+                     + ", ".join(f"person {p} seed {s}" for p, s in split))
+    elif groups:
+        lines.append("- every person and seed ran all its variants on one machine")
+    return lines + [""]
+
+
 def markdown(table, results: list[dict], command: str, figures: dict[str, str], planned: int | None = None) -> str:
     """`planned`: the number of runs the command's design holds, so a partial table says how partial it is."""
     people = sorted({r["person"] for r in results})
@@ -197,14 +241,15 @@ def markdown(table, results: list[dict], command: str, figures: dict[str, str], 
         f"close-up per person; {sum(len(r['pictures']) for r in results)} pictures",
         f"- host: {', '.join(hosts)}; measured run time {hours:.2f} h "
         "(the runs' own times summed, each timed on the machine that ran it)",
-        "- scores are means over runs with 95 % t-intervals (one run = one person and one seed); identity: share of "
+        "- scores are means over the held-out people with 95 % t-intervals (each person's seeds averaged first: "
+        "the people are the independent unit, n = people); identity: share of "
         "the person's wordless traits the picture shows (0 where no person is drawn); prompt: share of what the "
         "prompt asks that the picture shows; face share: the identity token's cross-attention mass inside the face "
         "(on the training photo, and on the generated pictures), at the trainer's loss sites, mean over three "
         "timesteps",
         "",
         "| variant | identity % | prompt % | scene % | framing % | attributes % | face share, photo % | "
-        "face share, generated % | attention grad share % | runs |",
+        "face share, generated % | attention grad share % | people |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in table.items():
@@ -213,12 +258,13 @@ def markdown(table, results: list[dict], command: str, figures: dict[str, str], 
                      f"{_pct(row['overfit_photo'])} | {_pct(row['overfit_generated'])} | "
                      f"{_pct(row['grad_share'])} | {row['identity'][2]} |")
     lines += ["", "## The paper's predictions", "",
-              "Differences are taken run by run (the same person and seed under both variants) where two or more "
-              "such pairs exist, with the 95 % t-interval of the paired differences; a prediction holds (yes) only "
+              "Differences are taken person by person (the same person under both variants, seeds averaged) where "
+              "two or more such pairs exist, with the 95 % t-interval of the paired differences over the people; a "
+              "prediction holds (yes) only "
               "when that whole interval is on its side, fails (no) when it is wholly on the other.", "",
               "| prediction | measured | held |", "|---|---|---|"]
-    lines += [f"| {p} | {m} | {v} |" for p, m, v in predictions(table, per_run(results))]
-    lines += [""] + grad_share_table(results)
+    lines += [f"| {p} | {m} | {v} |" for p, m, v in predictions(table, per_person(results))]
+    lines += [""] + grad_share_table(results) + provenance_lines(results)
     for title, path in figures.items():
         lines += [f"![{title}]({path})", ""]
     return "\n".join(lines)
@@ -289,7 +335,7 @@ def _labelled_point(ax, name: str, x: tuple[float, float], y: tuple[float, float
 
 
 def plot_against_ti(table, runs, path: Path) -> None:
-    """Each variant's identity and prompt fidelity minus TI's, paired by person and seed: the trade-off with the
+    """Each variant's identity and prompt fidelity minus TI's, paired by person: the trade-off with the
     spread between people taken out (the absolute plot's intervals are mostly that spread)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -304,7 +350,7 @@ def plot_against_ti(table, runs, path: Path) -> None:
     ax.axvline(0, color="tab:red", lw=1)
     ax.set_xlabel("prompt fidelity − TI's (points)")
     ax.set_ylabel("identity fidelity − TI's (points)")
-    ax.set_title("each variant − TI (red lines: TI), paired by person and seed, 95 % intervals", fontsize=10)
+    ax.set_title("each variant − TI (red lines: TI), paired by person, 95 % intervals over people", fontsize=10)
     ax.grid(alpha=0.3)
     _save(fig, path)
 

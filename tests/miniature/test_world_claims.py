@@ -3,6 +3,7 @@ computed and in range, each run cached, the report and its figures written. (The
 docs/results.md.)"""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -85,6 +86,26 @@ def test_claims_bench_runs_two_variants_and_writes_the_report(tmp_path, host, pa
     assert not (tmp_path / "runs" / "ti-person1-seed0-steps1.json").exists()
     assert "runs: 2 of the design's 4" in (tmp_path / "results.md").read_text()
 
+    # every run records where it ran and on what, and files its result under a key of everything that changes it
+    from world import checkpoint
+    for r in results.values():
+        prov = r["provenance"]
+        assert prov["weights_sha256"] == hashlib.sha256(world.weights.read_bytes()).hexdigest()
+        assert prov["recipe"] == checkpoint.recipe(world.weights) and prov["threads"] >= 1
+        assert prov["cpu"] and prov["torch"] == torch.__version__ and prov["host"] == world.host_label
+    text = (tmp_path / "results.md").read_text()
+    assert "## Provenance" in text and f"- CPU: {results['ti']['provenance']['cpu']}" in text
+    assert "every person and seed ran all its variants on one machine" in text
+    # a cached result for other prompts is not this run's: left out of a report, measured again by a run
+    sefi_path = tmp_path / "runs" / "sefi-person0-seed0-steps1.json"
+    assert main(argv[:-1] + ["1"], world=world) == 0          # one prompt: a new key, both runs measured again
+    assert len(json.loads(sefi_path.read_text())["pictures"]) == 1
+    capsys.readouterr()
+    assert main(argv + ["--report-only"], world=object()) == 1    # two prompts asked: neither cached run counts
+    out = capsys.readouterr().out
+    assert "2 cached runs are of other weights, recipe, settings or prompts" in out and "left out" in out
+    assert "no finished runs to report" in out
+
 
 def test_interval_is_the_95_percent_t_interval():
     mean, half, n = report.interval([1.0, 2.0, 3.0, None])
@@ -157,3 +178,49 @@ def test_runs_cover_every_variant_on_the_same_people_first():
     with pytest.raises(ValueError, match="unknown variant"):
         plan.runs(["tii"], [0], [0])
     assert plan.LAMBDA_SWEEP == ("no_attention", "lambda_1e-4", "sefi", "lambda_1e-2", "lambda_5e-2")
+
+
+def _result(variant, person, seed, identity, cpu="cpu A", recipe="r1"):
+    """A cached run's result with one picture and the given provenance (None: a run from before it was recorded)."""
+    r = {"variant": variant, "person": person, "seed": seed, "steps": 1, "host": "h", "seconds": 1.0,
+         "photo_face_share": 0.5, "grad_shares": [],
+         "pictures": [{"identity": identity, "prompt_fidelity": 0.5, "face_share": 0.5, "items": {"scene": True}}]}
+    if cpu is not None:
+        r["provenance"] = {"cpu": cpu, "threads": 1, "torch": "t", "host": "h", "weights_sha256": "w",
+                           "recipe": recipe, "commit": "c"}
+    return r
+
+
+def test_intervals_are_over_people_with_each_persons_seeds_averaged():
+    # person 0's two seeds (0.2, 0.4) are one observation, 0.3; person 1 has one seed, 0.7
+    results = [_result("ti", 0, 0, 0.2), _result("ti", 0, 1, 0.4), _result("ti", 1, 0, 0.7)]
+    people = report.per_person(results)
+    assert people["ti"][0]["identity"] == pytest.approx(0.3) and people["ti"][1]["identity"] == pytest.approx(0.7)
+    mean, half, n = report.summarise(results)["ti"]["identity"]
+    assert n == 2 and mean == pytest.approx(0.5)
+    assert half == pytest.approx(report.interval([0.3, 0.7])[1])
+
+
+def test_the_report_refuses_runs_of_different_worlds_and_flags_split_machines():
+    report.check_one_world([_result("ti", 0, 0, 0.5), _result("sefi", 0, 0, 0.5)])
+    with pytest.raises(SystemExit, match="2 different recipes"):
+        report.check_one_world([_result("ti", 0, 0, 0.5), _result("sefi", 0, 0, 0.5, recipe="r2")])
+    with pytest.raises(SystemExit, match="1 of them predate provenance"):
+        report.check_one_world([_result("ti", 0, 0, 0.5), _result("sefi", 0, 0, 0.5, cpu=None)])
+    lines = "\n".join(report.provenance_lines([_result("ti", 0, 0, 0.5), _result("sefi", 0, 0, 0.5, cpu="cpu B"),
+                                               _result("ti", 1, 0, 0.5), _result("sefi", 1, 0, 0.5)]))
+    assert "- CPU: cpu A, cpu B" in lines and "different machines: person 0 seed 0" in lines
+    assert "person 1" not in lines
+    old = "\n".join(report.provenance_lines([_result("ti", 0, 0, 0.5, cpu=None)]))
+    assert "1 of 1 runs predate provenance records" in old
+
+
+def test_the_cache_key_changes_with_everything_that_changes_a_run():
+    from bench.world_claims.provenance import cache_key
+    base = dict(variant_settings={"name": "ti"}, person=0, seed=0, steps=150, prompts=["a"], recipe="r")
+    keys = {cache_key(**base)}
+    for field, other in (("variant_settings", {"name": "sefi"}), ("person", 1), ("seed", 1), ("steps", 2),
+                         ("prompts", ["a", "b"]), ("recipe", "s")):
+        keys.add(cache_key(**{**base, field: other}))
+    assert len(keys) == 7 and cache_key(**base) == cache_key(**dict(base))
+
