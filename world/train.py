@@ -117,7 +117,7 @@ def read_round(weights: Path) -> tuple[dict[str, torch.Tensor], int, list[dict],
 def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: float = 5e-4, warmup: int = 100,
           ema_decay: float = 0.995, caption_dropout: float = 0.1, checkpoint_every: int = 50,
           threads: int | None = None, rounds: tuple[int, ...] = (), log=print, world: str = "second",
-          init: Path | None = None) -> Path:
+          init: Path | None = None, min_snr: float = 0.0) -> Path:
     embedded_host.import_host_modules("cpu")
     import comfy.ldm.modules.attention as host_attention
     # The PyPI host picks sub-quadratic attention on the CPU (chunked by free memory: ~2× slower here); the same
@@ -141,6 +141,9 @@ def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: f
         if state["seed"] != seed or state["batch"] != batch or state.get("world", "second") != world:
             raise SystemExit(f"{state_path} belongs to a run of the {state.get('world', 'second')} world with seed "
                              f"{state['seed']} and batch {state['batch']}; use another --run-dir or the same settings")
+        if float(state.get("min_snr", 0.0)) != min_snr:
+            raise SystemExit(f"{state_path} was trained with --min-snr {state.get('min_snr', 0.0)}; resume it with "
+                             "the same weighting or use another --run-dir")
         init_step, grown_at = state.get("init_step"), state.get("grown_at")
         unet.load_state_dict(state["unet"])
         ema = state["ema"]
@@ -173,7 +176,7 @@ def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: f
     t0 = time.perf_counter()
 
     def save_state(step: int) -> None:
-        _atomic_save({"seed": seed, "batch": batch, "step": step, "world": world, "init_step": init_step, "grown_at": grown_at,
+        _atomic_save({"seed": seed, "batch": batch, "step": step, "world": world, "init_step": init_step, "grown_at": grown_at, "min_snr": min_snr,
                       "unet": unet.state_dict(), "ema": ema,
                       "opt": opt.state_dict(), "rng": json.dumps(rng.bit_generator.state),
                       "torch_rng": torch.get_rng_state(), "history": json.dumps(history),
@@ -197,7 +200,7 @@ def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: f
             group["lr"] = rate
         with torch.autograd.graph.saved_tensors_hooks(_clone_saved, lambda t_: t_):
             pred = unet(xt, timesteps=t.float(), context=context)
-            loss = torch.nn.functional.mse_loss(pred, noise)
+            loss = (loss_weights(alphas[t], min_snr) * (pred - noise).square().mean(dim=(1, 2, 3))).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -219,8 +222,19 @@ def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: f
             write_weights(ema, out_dir, history, seed=seed, steps=done, batch=batch,
                           rounds=",".join(map(str, rounds or (steps,))), world=world,
                           **({"continued_from": init_step} if init_step is not None else {}),
-                          **({"grown_at": grown_at} if grown_at is not None else {}))
+                          **({"grown_at": grown_at} if grown_at is not None else {}),
+                          **({"min_snr": min_snr} if min_snr else {}))
     return out_dir / UNET_FILE
+
+
+def loss_weights(alphas_cumprod: torch.Tensor, min_snr: float) -> torch.Tensor:
+    """Per-sample weights of the ε-loss: 1 (SD's plain objective), or Min-SNR-γ (Hang et al. 2023, γ = min_snr):
+    min(SNR, γ) / SNR, which stops the nearly clean timesteps, whose ε-error is largest and least informative, from
+    dominating the gradient that shapes the layout at the noisy ones."""
+    if not min_snr:
+        return torch.ones_like(alphas_cumprod)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return snr.clamp(max=min_snr) / snr
 
 
 def write_weights(ema: dict[str, torch.Tensor], out_dir: Path, history: list[dict], **meta) -> None:
@@ -250,6 +264,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start from a committed round's unet.safetensors (its step, seed and loss log "
                              "continue; the optimiser starts fresh; a round of a smaller shape of the world's U-Net grows into "
                              "the present one, world.model.grow); ignored once the run dir holds a state")
+    parser.add_argument("--min-snr", type=float, default=0.0,
+                        help="weight the ε-loss by Min-SNR-γ with this γ (e.g. 5; default 0: SD's plain objective)")
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine, 2 threads were 3× slower per step)")
@@ -279,6 +295,6 @@ def run(args: argparse.Namespace) -> int:
     for steps in args.steps:  # a round already finished is skipped: its state is past its step
         path = train(args.seed, steps, args.batch, run_dir, out, lr=args.lr,
                      checkpoint_every=args.checkpoint_every, threads=args.threads, rounds=args.steps,
-                     world=args.world, init=args.init)
+                     world=args.world, init=args.init, min_snr=args.min_snr)
     print(f"wrote {path}")
     return 0

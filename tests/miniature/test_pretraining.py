@@ -127,3 +127,23 @@ def test_a_third_world_run_from_a_round_of_the_smaller_shape_grows_and_says_so(h
     third.ensure(tmp_path / "checkpoints", tmp_path / "next" / "unet.safetensors")   # fits the third world's shape
     with pytest.raises(ValueError, match="do not fit the world U-Net"):
         third.ensure(tmp_path / "checkpoints", tmp_path / "round" / "unet.safetensors")
+
+
+def test_min_snr_weights_only_the_nearly_clean_timesteps_down():
+    from world.model import sd_alphas_cumprod
+    from world.train import loss_weights
+    alphas = sd_alphas_cumprod()
+    assert torch.equal(loss_weights(alphas, 0.0), torch.ones(1000))
+    w = loss_weights(alphas, 5.0)
+    snr = alphas / (1 - alphas)
+    assert torch.allclose(w[snr <= 5], torch.ones(int((snr <= 5).sum())))
+    assert torch.allclose(w[snr > 5], 5 / snr[snr > 5]) and w[0] < 0.01 and bool((w[snr > 5] < 1).all())
+
+
+def test_a_run_keeps_its_loss_weighting_across_a_resume(host, tmp_path):
+    from world import train as pretrain
+    quiet = dict(batch=2, checkpoint_every=1, threads=1, log=lambda *_: None)
+    pretrain.train(0, 1, run_dir=tmp_path / "run", out_dir=tmp_path / "out", min_snr=5.0, **quiet)
+    assert pretrain.read_round(tmp_path / "out" / "unet.safetensors")[3]["min_snr"] == "5.0"
+    with pytest.raises(SystemExit, match="--min-snr 5.0"):
+        pretrain.train(0, 2, run_dir=tmp_path / "run", out_dir=tmp_path / "out", **quiet)
