@@ -176,7 +176,8 @@ def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: f
     t0 = time.perf_counter()
 
     def save_state(step: int) -> None:
-        _atomic_save({"seed": seed, "batch": batch, "step": step, "world": world, "init_step": init_step, "grown_at": grown_at, "min_snr": min_snr,
+        _atomic_save({"seed": seed, "batch": batch, "step": step, "world": world, "init_step": init_step,
+                      "grown_at": grown_at, "min_snr": min_snr,
                       "unet": unet.state_dict(), "ema": ema,
                       "opt": opt.state_dict(), "rng": json.dumps(rng.bit_generator.state),
                       "torch_rng": torch.get_rng_state(), "history": json.dumps(history),
@@ -262,8 +263,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "name world/weights or world/third/weights to replace a committed model)")
     parser.add_argument("--init", type=Path,
                         help="start from a committed round's unet.safetensors (its step, seed and loss log "
-                             "continue; the optimiser starts fresh; a round of a smaller shape of the world's U-Net grows into "
-                             "the present one, world.model.grow); ignored once the run dir holds a state")
+                             "continue; the optimiser starts fresh; a round of a smaller shape of the world's "
+                             "U-Net grows into the present one, world.model.grow); ignored once the run dir holds "
+                             "a state")
     parser.add_argument("--min-snr", type=float, default=0.0,
                         help="weight the ε-loss by Min-SNR-γ with this γ (e.g. 5; default 0: SD's plain objective)")
     parser.add_argument("--checkpoint-every", type=int, default=50)
