@@ -16,11 +16,12 @@ UNET = dict(use_checkpoint=False, image_size=32, use_spatial_transformer=True, l
             out_channels=4, model_channels=320, use_temporal_resblock=False, use_temporal_attention=False,
             adm_in_channels=None, context_dim=768, use_linear_in_transformer=False, channel_mult=[1],
             num_res_blocks=[1], transformer_depth=[1], transformer_depth_middle=-2, transformer_depth_output=[0, 0])
-# The third world's U-Net reads the caption three times instead of once: a second transformer block in input block
-# 1 and one after output block 0's ResBlock. With one read, the round-2 samples blended the views and ignored the
-# view words (docs/world.md, "Gates of round 2"): a cell's role depends on the view and on where the head stands,
-# which one attention read over a noisy start cannot settle. 1.7× UNET's CPU time per step (1.87 against 1.11 s,
-# batch 32, 2 threads, measured side by side); still detected as SD1.5 by both hosts, every site at the full latent.
+# The third world's U-Net reads the caption three times instead of once: a second transformer block in input block 1
+# and one after output block 0's ResBlock. With one read, the round-2 samples blended the views and ignored the view
+# words (docs/world.md, "Gates of round 2"): a cell's role depends on the view and on where the head stands, which
+# one attention read over a noisy start may not settle (round 3 helped, not enough: docs/world.md). 1.7× UNET's CPU
+# time per step (1.87 against 1.11 s, batch 32, 2 threads, docs/world.md "Round 3"); still detected as SD1.5 by both
+# hosts, every site at the full latent.
 # The host pops transformer_depth_output from its end: [0, 1] puts the block in output block 0.
 THIRD_UNET = dict(UNET, transformer_depth=[2], transformer_depth_output=[0, 1])
 UNETS = {"second": UNET, "third": THIRD_UNET}
