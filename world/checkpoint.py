@@ -30,9 +30,9 @@ _RECIPE_SOURCES = (Path(text_encoder.__file__), Path(vae.__file__), Path(model._
                    Path(tiny_checkpoints.__file__))
 
 
-def random_unet_weights(seed: int = 0, shape: dict = UNET) -> dict[str, torch.Tensor]:
+def random_unet_weights(seed: int = 0) -> dict[str, torch.Tensor]:
     """A random U-Net state dict of the world U-Net's shape (fp16): a stand-in until trained weights exist."""
-    config = tiny_checkpoints.model_config(shape)
+    config = tiny_checkpoints.model_config(UNET)
     return tiny_checkpoints.randomise(tiny_checkpoints.unet_shapes(config), torch.Generator().manual_seed(seed))
 
 

@@ -72,8 +72,8 @@ def grow(unet: torch.nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
     """Load a round of a smaller U-Net (`weights`) into `unet`, a shape that only adds transformer blocks to it, so
     that the grown net computes exactly what the round computed: every added block starts as the identity (its
     residual branches end in zero; an added SpatialTransformer's proj_out is zero already, and its inner blocks keep
-    their random ends so that gradients reach them). Returns the added keys. Refuses weights that the larger shape
-    does not contain."""
+    their random ends so that gradients reach them). Returns the added keys (none: a plain load of a round of this
+    shape). Refuses weights that the larger shape does not contain."""
     own = unet.state_dict()
     foreign = sorted(k for k in weights if k not in own or own[k].shape != weights[k].shape)
     if foreign:

@@ -158,10 +158,8 @@ def train(seed: int, steps: int, batch: int, run_dir: Path, out_dir: Path, lr: f
         if meta.get("world", "second") != world or int(meta.get("seed", seed)) != seed:
             raise SystemExit(f"{init} is a round of the {meta.get('world', 'second')} world with seed "
                              f"{meta.get('seed')}; pass the same --world and --seed to continue it")
-        if set(weights) == set(unet.state_dict()):
-            unet.load_state_dict(weights)
-        else:   # a round of an earlier, smaller shape of this world's U-Net: it goes on in the grown one
-            added = grow(unet, weights)
+        added = grow(unet, weights)   # a plain load when the round has this shape
+        if added:   # a round of an earlier, smaller shape of this world's U-Net: it goes on in the grown one
             grown_at = init_step
             log(f"growing the round's U-Net to the {world} world's shape: {len(added)} tensors added, each added "
                 "block starting as the identity")

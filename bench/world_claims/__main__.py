@@ -116,11 +116,12 @@ def main(argv=None, world=None) -> int:
                 f, photo=arrays["photo"], pictures=np.stack(arrays["pictures"]),
                 id_map=maps[0].numpy(), ref_map=maps[1].numpy()))
             atomic_write_text(path, json.dumps(result, indent=1))  # last: a run counts as done once this exists
+            cached[run] = result
             scores = report.run_scores(result)
             print(f"[{i + 1}/{len(missing)}] {run.key}: identity {100 * scores['identity']:.0f} %, prompt "
                   f"{100 * scores['prompt']:.0f} %, face share {100 * (scores['overfit_photo'] or 0):.0f} % "
                   f"({result['seconds']:.0f} s)", flush=True)
-    done = [res for r in runs if (res := cached_result(args.out, r, args.steps, recipe, moves)) not in (None, STALE)]
+    done = [cached[r] for r in runs if cached[r] is not None and cached[r] is not STALE]
     if not done:
         print("no finished runs to report")
         return 1
